@@ -1,0 +1,1 @@
+"""Feature backends: handcrafted MIND-SSC and frozen DINOv2/DINOv3 slice-wise features."""

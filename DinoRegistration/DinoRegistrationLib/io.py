@@ -1,0 +1,139 @@
+"""Reading and writing volumes with full geometry, and checking that inputs are usable.
+
+Formats: NIfTI, NRRD, MHA/MHD and a DICOM series folder through SimpleITK; FreeSurfer .mgz/.mgh
+through nibabel (SimpleITK has no MGH reader). Every reader returns a :class:`Volume` in LPS mm.
+Every writer writes to a temporary name and renames, so a file appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .volume import Grid, Volume
+
+MGH_SUFFIXES = (".mgz", ".mgh")
+
+
+def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = True) -> Volume:
+    """Read a 3D scalar volume (file or DICOM folder). ``role`` names it in error messages.
+
+    ``is_image`` also rejects constant and non-finite volumes (no use as registration inputs);
+    label maps and derived maps (Jacobian) are read with ``is_image=False``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{role} '{path}' does not exist: check the path")
+    try:
+        if path.is_dir():
+            image = read_dicom_series(path, role)
+        elif path.name.lower().endswith(MGH_SUFFIXES):
+            return check_scalar_3d(read_mgh(path), role, path, is_image)
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except (RuntimeError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{role} '{path}' could not be read ({first_line[:120]}): "
+                         "use NIfTI, NRRD, MHA/MHD, MGZ or a DICOM series folder") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{role} '{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                         "(colour or vector image): convert it to a single-channel greyscale volume")
+    if image.GetDimension() != 3:
+        raise InputError(f"{role} '{path}' is {image.GetDimension()}D: a 3D volume is needed "
+                         "(for 4D series, extract one time point first)")
+    return check_scalar_3d(Volume.from_sitk(image), role, path, is_image)
+
+
+def read_dicom_series(folder: Path, role: str) -> sitk.Image:
+    """Read the largest DICOM series in ``folder``."""
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(f"{role} folder '{folder}' contains no DICOM series: point to a DICOM folder or an image file")
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_mgh(path: Path) -> Volume:
+    """FreeSurfer .mgz/.mgh via nibabel; its RAS vox2ras becomes our LPS grid."""
+    try:
+        import nibabel
+    except ImportError:
+        raise InputError(f"'{path}' is a FreeSurfer file: install nibabel (pip install nibabel)") from None
+    image = nibabel.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"'{path}' has shape {data.shape}: a 3D volume is needed")
+    vox_to_lps = np.diag([-1.0, -1.0, 1.0]) @ image.affine[:3, :3]
+    spacing = np.linalg.norm(vox_to_lps, axis=0)
+    grid = Grid(data.shape, np.diag([-1.0, -1.0, 1.0]) @ image.affine[:3, 3], spacing, vox_to_lps / spacing)
+    return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), grid)
+
+
+def check_scalar_3d(volume: Volume, role: str, path: Path | str, is_image: bool = True) -> Volume:
+    """Reject volumes no registration can use: flat, singular geometry; for images also constant
+    (which includes empty) and non-finite."""
+    if min(volume.grid.size) < 2:
+        raise InputError(f"{role} '{path}' is a single slice ({volume.grid.describe()}): a 3D volume is needed")
+    if volume.array.dtype.kind not in "biuf":
+        raise InputError(f"{role} '{path}' has pixel type {volume.array.dtype}: a numeric greyscale volume is needed")
+    if abs(np.linalg.det(volume.grid.direction)) < 1e-3 or (volume.grid.spacing <= 0).any():
+        raise InputError(f"{role} '{path}' has a degenerate direction or spacing: fix its header")
+    if not is_image:
+        return volume
+    # (ITK's NIfTI reader already turns NaN/inf into 0; NRRD, MHA and MGZ keep them and stop here.)
+    if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        count = int((~np.isfinite(volume.array)).sum())
+        raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with 0) before registering")
+    if volume.array.min() == volume.array.max():
+        raise InputError(f"{role} '{path}' is constant (every voxel is {volume.array.flat[0]}): it holds no image to register")
+    return volume
+
+
+def read_label_volume(path: str | os.PathLike, reference: Volume, role: str) -> Volume:
+    """Read a label map or mask that must lie on the grid of ``reference``; integer labels kept."""
+    path = Path(path)
+    volume = read_volume(path, role, is_image=False) if path.exists() else None
+    if volume is None:
+        raise InputError(f"{role} '{path}' does not exist: check the path")
+    if not volume.grid.same_as(reference.grid, tolerance_mm=1e-2 * float(reference.grid.spacing.min())):
+        raise InputError(f"{role} '{path}' has geometry {volume.grid.describe()} at origin "
+                         f"{np.round(volume.grid.origin, 2).tolist()}, which does not match its image "
+                         f"({reference.grid.describe()} at {np.round(reference.grid.origin, 2).tolist()}): "
+                         "resample the label map onto the image grid")
+    if volume.array.dtype.kind == "f":
+        if not np.allclose(volume.array, np.round(volume.array)):
+            raise InputError(f"{role} '{path}' has non-integer values: a label map of integer labels is needed")
+        volume = volume.with_array(np.round(volume.array).astype(np.int32))
+    return volume
+
+
+def read_mask(path: str | os.PathLike, reference: Volume, role: str) -> Volume:
+    """Read a binary mask (any non-zero voxel is foreground) on the grid of ``reference``."""
+    labels = read_label_volume(path, reference, role)
+    return labels.with_array((labels.array != 0).astype(np.uint8))
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        sitk.WriteImage(volume.to_sitk(), temporary, compress)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path

@@ -1,0 +1,174 @@
+"""What every registration method provides, and the data it is given.
+
+A method is a plugin: a subclass of :class:`Method` registered with ``@register_method``. The
+pipeline runs the affine stage first (unless the method or the user turns it off), then calls
+``method.run(problem, initial)``, which returns the full FIXED -> MOVING transform.
+
+Deformable methods usually work on a *working pair*: fixed and affinely pre-aligned moving resampled
+onto a near-isotropic working grid covering the fixed image (see :func:`prepare_working_pair`); they
+compute a voxel displacement on that grid and hand it to :func:`dense_result`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..progress import Progress
+from ..transforms import DenseField, Transform, warp_volume
+from ..volume import Grid, Volume
+
+
+@dataclass
+class Availability:
+    """Whether a method can run on this machine, and if not, why and how to enable it."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class RegistrationProblem:
+    """Inputs of one registration. Volumes are never modified by methods.
+
+    ``fixed`` and ``moving`` keep their own grids (LPS mm). Masks are binary volumes on the
+    grid of the image they belong to, or None. ``params`` are the method's parameters after the
+    user's overrides were merged with the method's defaults.
+    """
+
+    fixed: Volume
+    moving: Volume
+    fixed_mask: Volume | None = None
+    moving_mask: Volume | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    params: dict[str, Any] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+
+
+class Method:
+    """Base class of registration methods. Subclasses set the class attributes and ``run``."""
+
+    name: str = ""
+    summary: str = ""
+    #: the affine stage runs before ``run`` (the user may turn it off with ``affine=False``)
+    uses_affine_stage: bool = True
+    #: relative expected durations of the stages ``run`` reports, for the overall progress bar
+    stage_weights: dict[str, float] = {}
+    #: name of the default preset
+    default_preset: str = "default"
+    #: preset name -> parameter values; ``presets[default_preset]`` holds every parameter
+    presets: dict[str, dict[str, Any]] = {"default": {}}
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def parameters(self, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Default parameters, updated by a preset and then by user overrides (unknown keys rejected)."""
+        from ..errors import InputError
+
+        params = dict(self.presets[self.default_preset])
+        if preset:
+            if preset not in self.presets:
+                raise InputError(f"unknown preset '{preset}' for method {self.name}: choose one of {sorted(self.presets)}")
+            params.update(self.presets[preset])
+        for key, value in (overrides or {}).items():
+            if key not in params:
+                raise InputError(f"unknown parameter '{key}' for method {self.name}: known parameters are {sorted(params)}")
+            params[key] = coerce_like(params[key], value)
+        return params
+
+    def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
+        raise NotImplementedError
+
+
+def coerce_like(default: Any, value: Any) -> Any:
+    """Convert a (possibly string) override to the type of the default value."""
+    if isinstance(value, str) and not isinstance(default, str):
+        if isinstance(default, bool):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    return value
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Method]]:
+    """All registered methods by name (importing the built-in method modules first)."""
+    from . import load_builtin_methods
+
+    load_builtin_methods()
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    from ..errors import InputError
+
+    methods = registry()
+    if name not in methods:
+        raise InputError(f"unknown method '{name}': run 'dinoreg methods' to list them ({', '.join(sorted(methods))})")
+    return methods[name]()
+
+
+@dataclass
+class WorkingPair:
+    """Fixed and pre-aligned moving on one working grid, as torch tensors ``(1, 1, K, J, I)``.
+
+    Intensities are untouched (methods normalise as they need); masks are float {0, 1} or None.
+    """
+
+    grid: Grid
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_mask: torch.Tensor | None
+    moving_mask: torch.Tensor | None
+
+
+def working_grid(fixed_grid: Grid, spacing_mm: float) -> Grid:
+    """Near-isotropic grid over the fixed image's box, never finer than the fixed spacing."""
+    spacing = np.maximum(fixed_grid.spacing, spacing_mm) if spacing_mm > 0 else fixed_grid.spacing
+    return fixed_grid.with_spacing(spacing)
+
+
+def prepare_working_pair(problem: RegistrationProblem, initial: Transform, spacing_mm: float) -> WorkingPair:
+    """Resample fixed (identity) and moving (through ``initial``) onto the working grid."""
+    grid = working_grid(problem.fixed.grid, spacing_mm)
+    device = problem.device
+
+    def to_tensor(volume: Volume | None, transform: Transform, mode: str) -> torch.Tensor | None:
+        if volume is None:
+            return None
+        resampled = warp_volume(volume.with_array(volume.array.astype(np.float32)), transform, grid, mode, device)
+        return torch.from_numpy(resampled.array).to(device)[None, None]
+
+    identity = Transform()
+    return WorkingPair(
+        grid=grid,
+        fixed=to_tensor(problem.fixed, identity, "linear"),
+        moving=to_tensor(problem.moving, initial, "linear"),
+        fixed_mask=to_tensor(problem.fixed_mask, identity, "nearest"),
+        moving_mask=to_tensor(problem.moving_mask, initial, "nearest"),
+    )
+
+
+def dense_result(voxel_displacement: torch.Tensor, pair: WorkingPair, problem: RegistrationProblem,
+                 initial: Transform) -> Transform:
+    """Full transform from a voxel displacement ``(1, 3, K, J, I)`` (di, dj, dk) on the working grid.
+
+    The field is converted to LPS mm, resampled onto the fixed grid and put before ``initial``:
+    ``phi(x) = initial(x + u(x))``.
+    """
+    field_on_working_grid = DenseField.from_voxel_displacement(voxel_displacement, pair.grid)
+    return Transform([field_on_working_grid.resampled_to(problem.fixed.grid), *initial.steps])

@@ -1,0 +1,16 @@
+"""``identity``: no registration at all (the 'before' baseline of every comparison)."""
+
+from __future__ import annotations
+
+from ..transforms import Transform
+from .base import Method, RegistrationProblem, register_method
+
+
+@register_method
+class IdentityMethod(Method):
+    name = "identity"
+    summary = "No registration: moving resampled on the fixed grid as it is (baseline)."
+    uses_affine_stage = False
+
+    def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
+        return initial

@@ -1,0 +1,1 @@
+"""Optimisers that turn feature volumes into displacement fields (ConvexAdam)."""

@@ -1,0 +1,212 @@
+"""One registration from volumes in memory to a result in memory (files are ``outputs.py``'s job).
+
+Stages: affine pre-alignment -> the method (deformable or not) -> inverse -> derived maps
+(warped image and labels, heatmaps, Jacobian) -> report. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__, metrics
+from .affine import AffineSettings, affine_registration
+from .intensity import foreground, normalise, robust_range
+from .methods.base import RegistrationProblem, get_method, registry
+from .progress import Progress
+from .spatial import resolve_device
+from .transforms import Transform, jacobian_determinant, warp_volume
+from .volume import Volume
+
+#: methods tried in order by ``method='auto'``: the best one that can run here wins
+AUTO_PREFERENCE = ["dino-mind", "dino-zeroshot", "mind-zeroshot", "affine"]
+
+
+@dataclass
+class RegistrationOptions:
+    """What to run. ``params`` override the preset's values (keys as in ``dinoreg methods``)."""
+
+    method: str = "auto"
+    preset: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    use_affine: bool = True
+    device: str = "auto"
+    compute_inverse: bool = True
+    compute_jacobian: bool = True
+
+
+@dataclass
+class RegistrationResult:
+    """Everything a registration produced. Volumes are on the fixed grid unless said otherwise."""
+
+    fixed: Volume
+    transform: Transform
+    inverse: Transform | None
+    warped: Volume
+    moving_on_fixed_grid: Volume
+    heatmap: Volume
+    heatmap_before: Volume
+    jacobian: Volume | None
+    warped_labels: Volume | None
+    report: dict[str, Any]
+
+
+def choose_method(name: str) -> str:
+    """Resolve 'auto' to the best available method; check that a named one can run here."""
+    from .errors import InputError
+
+    if name != "auto":
+        method = get_method(name)
+        availability = method.availability()
+        if not availability.ok:
+            raise InputError(f"method '{name}' cannot run here: {availability.reason}")
+        return name
+    methods = registry()
+    for candidate in AUTO_PREFERENCE:
+        if candidate in methods and methods[candidate]().availability().ok:
+            return candidate
+    return "affine"
+
+
+def plan_stages(progress: Progress, method_weights: dict[str, float], options: RegistrationOptions,
+                use_affine: bool) -> None:
+    weights = {"affine": 3.0 if use_affine else 0.0, **method_weights, "warping": 1.0}
+    if options.compute_inverse:
+        weights["inverse"] = 1.5
+    if options.compute_jacobian:
+        weights["jacobian"] = 1.0
+    progress.plan(weights)
+
+
+def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None = None,
+             fixed_mask: Volume | None = None, moving_mask: Volume | None = None,
+             moving_labels: Volume | None = None, fixed_labels: Volume | None = None,
+             progress: Progress | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (both LPS mm, any grids); see :class:`RegistrationOptions`.
+
+    Raises ``InputError`` for bad options, ``RegistrationFailed`` when the images cannot be
+    aligned, ``Cancelled`` when ``progress`` was cancelled.
+    """
+    options = options or RegistrationOptions()
+    progress = progress or Progress()
+    started = time.perf_counter()
+    device = resolve_device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    method_name = choose_method(options.method)
+    method = get_method(method_name)
+    params = method.parameters(options.preset, options.params)
+    use_affine = options.use_affine and method.uses_affine_stage
+    plan_stages(progress, method.stage_weights, options, use_affine)
+    problem = RegistrationProblem(fixed, moving, fixed_mask, moving_mask, device, params, progress)
+
+    initial = Transform()
+    if use_affine:
+        progress.stage("affine")
+        initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
+    transform = method.run(problem, initial)
+
+    progress.stage("warping")
+    warped = warp_volume(moving, transform, fixed.grid, "linear", device)
+    moving_on_fixed_grid = warp_volume(moving, Transform(), fixed.grid, "linear", device)
+    warped_labels = warp_volume(moving_labels, transform, fixed.grid, "nearest", device) if moving_labels is not None else None
+    progress.update(1.0)
+
+    inverse = None
+    if options.compute_inverse:
+        progress.stage("inverse")
+        inverse = transform.inverse()
+    jacobian = None
+    if options.compute_jacobian:
+        progress.stage("jacobian")
+        jacobian = fixed.with_array(jacobian_determinant(transform, fixed.grid, device))
+
+    heatmap, heatmap_before = difference_maps(fixed, moving, warped, moving_on_fixed_grid)
+    progress.finish()
+    report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
+                          warped, moving_on_fixed_grid, fixed_mask, jacobian, transform)
+    if fixed_labels is not None and moving_labels is not None:
+        report["labels"] = label_scores(fixed_labels, moving_labels, warped_labels, moving_on_fixed_grid_labels(moving_labels, fixed, device))
+    return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
+                              warped_labels, report)
+
+
+def moving_on_fixed_grid_labels(moving_labels: Volume, fixed: Volume, device: torch.device) -> Volume:
+    return warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
+
+
+def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:
+    """|fixed - warped| and |fixed - unregistered moving| after robust normalisation to [0, 1].
+
+    Fixed uses its own 1-99 % foreground percentiles; warped and unregistered moving both use the
+    ORIGINAL moving's percentiles, so before and after are directly comparable.
+    """
+    fixed_n = normalise(fixed.array, robust_range(fixed.array))
+    moving_range = robust_range(moving.array)
+    after = np.abs(fixed_n - normalise(warped.array, moving_range))
+    before = np.abs(fixed_n - normalise(moving_on_fixed_grid.array, moving_range))
+    return fixed.with_array(after.astype(np.float32)), fixed.with_array(before.astype(np.float32))
+
+
+def similarity(fixed: Volume, other: Volume, moving: Volume, mask: np.ndarray) -> dict[str, float]:
+    fixed_n = normalise(fixed.array, robust_range(fixed.array))
+    other_n = normalise(other.array, robust_range(moving.array))
+    return {
+        "ncc": metrics.ncc(fixed_n, other_n, mask),
+        "nmi": metrics.nmi(fixed_n, other_n, mask),
+        "mean_abs_difference": float(np.abs(fixed_n - other_n)[mask].mean()),
+    }
+
+
+def label_scores(fixed_labels: Volume, moving_labels: Volume, warped_labels: Volume, unregistered: Volume) -> dict[str, Any]:
+    after = metrics.dice_per_label(fixed_labels.array, warped_labels.array)
+    before = metrics.dice_per_label(fixed_labels.array, unregistered.array, list(after))
+    return {"dice_mean_before": float(np.mean(list(before.values()))) if before else None,
+            "dice_mean_after": float(np.mean(list(after.values()))) if after else None,
+            "dice_per_label_after": {str(k): v for k, v in after.items()}}
+
+
+def build_report(method_name: str, options: RegistrationOptions, params: dict[str, Any], device: torch.device,
+                 use_affine: bool, progress: Progress, started: float, fixed: Volume, moving: Volume, warped: Volume,
+                 moving_on_fixed_grid: Volume, fixed_mask: Volume | None, jacobian: Volume | None,
+                 transform: Transform) -> dict[str, Any]:
+    mask = fixed_mask.array.astype(bool) if fixed_mask is not None else foreground(fixed.array)
+    report: dict[str, Any] = {
+        "dinoreg_version": __version__,
+        "method": method_name,
+        "preset": options.preset,
+        "parameters": params,
+        "affine_stage": use_affine,
+        "device": device_description(device),
+        "seconds_per_stage": {k: round(v, 3) for k, v in progress.stage_seconds.items()},
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "similarity_before": similarity(fixed, moving_on_fixed_grid, moving, mask),
+        "similarity_after": similarity(fixed, warped, moving, mask),
+        "fixed_grid": fixed.grid.describe(),
+        "moving_grid": moving.grid.describe(),
+        "transform_steps": [type(step).__name__ for step in transform.steps],
+    }
+    if transform.affine is not None:
+        report["affine_matrix_lps"] = transform.affine.homogeneous.round(6).tolist()
+    if jacobian is not None:
+        report["jacobian"] = {
+            "percent_nonpositive": metrics.folding_percent(jacobian.array),
+            "sdlogj": metrics.sdlogj(jacobian.array),
+            "min": float(jacobian.array.min()),
+            "max": float(jacobian.array.max()),
+        }
+    return report
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
