@@ -105,21 +105,22 @@ def physical_displacement_to_voxel(displacement: torch.Tensor, grid: Grid) -> to
 def grid_points(grid: Grid, k_range: tuple[int, int] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Physical LPS points of the voxel centres of ``grid`` (optionally slices k0..k1), ``(K, J, I, 3)`` float32."""
     k0, k1 = k_range or (0, grid.shape[0])
-    matrix = torch.as_tensor(grid.index_to_physical, dtype=torch.float64, device=device)
-    k, j, i = torch.meshgrid(torch.arange(k0, k1, device=device, dtype=torch.float64),
-                             torch.arange(grid.shape[1], device=device, dtype=torch.float64),
-                             torch.arange(grid.shape[2], device=device, dtype=torch.float64), indexing="ij")
-    index = torch.stack([i, j, k], dim=-1)
-    return (index @ matrix[:3, :3].T + matrix[:3, 3]).to(torch.float32)
+    matrix = torch.as_tensor(grid.direction @ np.diag(grid.spacing), dtype=torch.float32, device=device)
+    origin = torch.as_tensor(grid.origin, dtype=torch.float32, device=device)
+    i = torch.arange(grid.shape[2], device=device, dtype=torch.float32)[:, None] * matrix[:, 0]
+    j = torch.arange(grid.shape[1], device=device, dtype=torch.float32)[:, None] * matrix[:, 1]
+    k = torch.arange(k0, k1, device=device, dtype=torch.float32)[:, None] * matrix[:, 2] + origin
+    return k[:, None, None, :] + j[None, :, None, :] + i[None, None, :, :]
 
 
 def physical_to_normalised(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Physical LPS points ``(..., 3)`` to grid_sample coordinates of ``grid`` (x=i, y=j, z=k)."""
-    matrix = torch.as_tensor(grid.physical_to_index, dtype=torch.float64, device=points.device)
-    index = points.to(torch.float64) @ matrix[:3, :3].T + matrix[:3, 3]
-    sizes = torch.tensor(grid.size, dtype=torch.float64, device=points.device)
-    normalised = 2.0 * index / torch.clamp(sizes - 1.0, min=1.0) - 1.0
-    return normalised.to(torch.float32)
+    sizes = np.asarray(grid.size, dtype=np.float64)
+    scale = 2.0 / np.maximum(sizes - 1.0, 1.0)
+    to_normalised = np.diag(scale) @ grid.physical_to_index[:3]  # 3x4: index scaled, then shifted by -1
+    matrix = torch.as_tensor(to_normalised[:, :3], dtype=points.dtype, device=points.device)
+    offset = torch.as_tensor(to_normalised[:, 3] - 1.0, dtype=points.dtype, device=points.device)
+    return points @ matrix.T + offset
 
 
 def sample_at_points(image: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -128,8 +129,8 @@ def sample_at_points(image: torch.Tensor, grid: Grid, points: torch.Tensor, mode
     Returns ``(1, C, K', J', I')``. As in ITK's interpolators, a point whose continuous index lies
     outside [-0.5, N-0.5] on any axis gets 0, and inside it the edge voxels are replicated.
     """
-    normalised = physical_to_normalised(points, grid).unsqueeze(0)
-    values = F.grid_sample(image, normalised.to(image.dtype), mode=mode, padding_mode="border", align_corners=True)
+    normalised = physical_to_normalised(points.to(image.dtype), grid).unsqueeze(0)
+    values = F.grid_sample(image, normalised, mode=mode, padding_mode="border", align_corners=True)
     half_voxel = voxel_to_normalised_scale(grid.shape, points.device) / 2.0
     inside = (normalised.abs() <= 1.0 + half_voxel + 1e-6).all(dim=-1)
     return values * inside.unsqueeze(1).to(values.dtype)

@@ -46,9 +46,9 @@ class AffineMap:
 
     def apply(self, points: torch.Tensor) -> torch.Tensor:
         """Map physical points ``(..., 3)``."""
-        matrix = torch.as_tensor(self.matrix, dtype=torch.float64, device=points.device)
-        offset = torch.as_tensor(self.translation, dtype=torch.float64, device=points.device)
-        return (points.to(torch.float64) @ matrix.T + offset).to(points.dtype)
+        matrix = torch.as_tensor(self.matrix, dtype=points.dtype, device=points.device)
+        offset = torch.as_tensor(self.translation, dtype=points.dtype, device=points.device)
+        return points @ matrix.T + offset
 
 
 @dataclass
@@ -143,8 +143,30 @@ class Transform:
         return Transform([s.inverse() if isinstance(s, AffineMap) else s.inverse(iterations) for s in reversed(self.steps)])
 
     def mapped_points(self, grid: Grid, device: torch.device | str = "cpu", k_range: tuple[int, int] | None = None) -> torch.Tensor:
-        """Where each voxel centre of ``grid`` lands: ``(K, J, I, 3)`` LPS mm."""
-        return self.apply(spatial.grid_points(grid, k_range, device))
+        """Where each voxel centre of ``grid`` lands: ``(K, J, I, 3)`` LPS mm (float32).
+
+        Fast paths: a dense field defined on ``grid`` itself is added without interpolation, and
+        consecutive affine steps are folded into one matrix.
+        """
+        points = spatial.grid_points(grid, k_range, device)
+        k0, k1 = k_range or (0, grid.shape[0])
+        for step in fold_affines(self.steps):
+            if isinstance(step, DenseField) and step.grid.same_as(grid) and points.shape[:3] == (k1 - k0, *grid.shape[1:]):
+                points = points + torch.from_numpy(step.displacement[k0:k1]).to(device)
+            else:
+                points = step.apply(points)
+        return points
+
+
+def fold_affines(steps: list[Step]) -> list[Step]:
+    """The same chain with runs of consecutive affine steps multiplied into one."""
+    folded: list[Step] = []
+    for step in steps:
+        if isinstance(step, AffineMap) and folded and isinstance(folded[-1], AffineMap):
+            folded[-1] = folded[-1].then(step)
+        else:
+            folded.append(step)
+    return folded
 
 
 def warp_volume(moving: Volume, transform: Transform, target: Grid, mode: str = "linear",
@@ -192,15 +214,23 @@ def jacobian_determinant(transform: Transform, grid: Grid, device: torch.device 
     derivatives with ``(Direction diag(spacing))^-1``. 1 means volume preserved, <= 0 folding.
     Computed in slabs of k (with a one-slice halo) so memory stays bounded.
     """
-    to_index = torch.as_tensor(np.linalg.inv(grid.direction @ np.diag(grid.spacing)), dtype=torch.float64, device=device)
+    to_index = torch.as_tensor(np.linalg.inv(grid.direction @ np.diag(grid.spacing)), dtype=torch.float32, device=device)
     depth = grid.shape[0]
     out = np.empty(grid.shape, dtype=np.float32)
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
         h0, h1 = max(0, k0 - 1), min(depth, k1 + 1)
-        mapped = transform.mapped_points(grid, device, (h0, h1)).to(torch.float64)
+        mapped = transform.mapped_points(grid, device, (h0, h1))
         d_dk = torch.gradient(mapped, dim=0)[0] if h1 - h0 > 1 else torch.zeros_like(mapped)
         d_dj, d_di = torch.gradient(mapped, dim=(1, 2))
         d_index = torch.stack([d_di, d_dj, d_dk], dim=-1)[k0 - h0:k1 - h0]  # (..., 3 outputs, 3 index axes)
-        out[k0:k1] = torch.linalg.det(d_index @ to_index).to(torch.float32).cpu().numpy()
+        out[k0:k1] = determinant_3x3(d_index @ to_index).cpu().numpy()
     return out
+
+
+def determinant_3x3(m: torch.Tensor) -> torch.Tensor:
+    """Determinants of a batch of 3x3 matrices ``(..., 3, 3)`` by the rule of Sarrus (much faster
+    than ``torch.linalg.det``'s LU for millions of tiny matrices)."""
+    return (m[..., 0, 0] * (m[..., 1, 1] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 1])
+            - m[..., 0, 1] * (m[..., 1, 0] * m[..., 2, 2] - m[..., 1, 2] * m[..., 2, 0])
+            + m[..., 0, 2] * (m[..., 1, 0] * m[..., 2, 1] - m[..., 1, 1] * m[..., 2, 0]))
