@@ -16,7 +16,9 @@ DEMO = REPO / "Resources" / "Demo"
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets one core's worth of threads, so workers don't oversubscribe.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def shared_file(relative: str) -> Path:
