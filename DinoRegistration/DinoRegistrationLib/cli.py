@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     json_events = getattr(args, "progress_json", False)
+    signal.signal(signal.SIGTERM, raise_cancelled)  # a terminated run cleans up like a cancelled one
     try:
         return args.func(args)
     except (InputError, RegistrationFailed, Cancelled) as error:
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_error("out of GPU memory: retry with --device cpu or --preset fast", json_events)
             return 1
         raise
+
+
+def raise_cancelled(signum: int, frame: object) -> None:
+    raise Cancelled("registration stopped (terminated): nothing was written")
 
 
 def report_error(message: str, json_events: bool) -> None:

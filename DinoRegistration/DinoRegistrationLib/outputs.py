@@ -18,20 +18,10 @@ import numpy as np
 from .errors import InputError
 from .io import write_volume
 from .itk_files import write_transform
+from .output_files import OUTPUT_FILES
 from .pipeline import RegistrationResult
 from .preview import write_preview
 
-OUTPUT_FILES = {
-    "warped": "warped.nii.gz",
-    "heatmap": "heatmap.nii.gz",
-    "heatmap_before": "heatmap_before.nii.gz",
-    "jacobian": "jacobian.nii.gz",
-    "transform": "transform.h5",
-    "inverse_transform": "inverse_transform.h5",
-    "warped_labels": "warped_labels.nii.gz",
-    "report": "report.json",
-    "preview": "preview.png",
-}
 
 
 def check_output_folder(outdir: str | os.PathLike) -> Path:
