@@ -1,0 +1,511 @@
+"""ConvexAdam: coupled convex discrete search followed by Adam instance optimisation.
+
+Siebert, Hansen, Heinrich, "Fast 3D registration with accurate optimisation and little learning
+for Learn2Reg 2021" (MICCAI 2021 challenge) and "ConvexAdam: self-configuring dual-optimisation-based
+3D multitask medical image registration" (IEEE TMI 2024). Written by hand here: no installed
+library offers it.
+
+Input: fixed and moving feature volumes ``(1, C, K, J, I)`` on one working grid (any features:
+MIND-SSC, DINO, both). Output: a voxel displacement ``u`` ``(1, 3, K, J, I)`` on that grid, channels
+(di, dj, dk) in working-grid voxels (the grid_sample order x=i, y=j, z=k), such that
+``moving(x + u(x))`` matches ``fixed(x)``: it maps FIXED voxels to MOVING voxels.
+
+Stage 1, convex search (no gradients): features are averaged over blocks of ``grid_spacing`` voxels,
+one block per control point. For every control point and every candidate displacement of a
+``(2 * search_radius + 1)^3`` window (candidates ``search_step`` voxels apart) the cost is the sum
+over channels of squared feature differences (SSD), smoothed over neighbouring control points.
+The cost volume is filled in chunks of candidates so temporary memory stays bounded. Two coupled
+convex problems are then solved alternately with growing coupling weight: a point-wise argmin of
+data cost plus ``weight * |d - smooth(d)|^2``, and a smoothing of the chosen field. Done for the
+forward (fixed->moving) and backward (moving->fixed) problem, then both fields are made inverse
+consistent (each is pushed towards minus the other, composed).
+
+Stage 2, instance optimisation: the field is refined with Adam on a lattice of every
+``adam_level``-th voxel (features averaged over the lattice cells). Each iteration smooths the
+optimised field (``smoothing_passes`` 3x3x3 box filters), optionally integrates it as a stationary
+velocity (scaling and squaring: diffeomorphic), warps the moving features and minimises
+mean SSD + ``regularisation`` * diffusion (mean squared spatial gradient of the displacement,
+dimensionless: mm per mm). The result is interpolated back to the working grid.
+
+All displacements inside this module are in working-grid voxels unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import spatial
+from ..errors import InputError
+from ..progress import Progress
+
+#: progress stage names reported by :func:`convex_adam`
+STAGE_SEARCH = "convex search"
+STAGE_ADAM = "instance optimisation"
+
+Axes = tuple[int, int, int]  # per-axis integers in (k, j, i) order
+
+
+@dataclass
+class ConvexAdamSettings:
+    """Parameters of :func:`convex_adam`. Voxel counts are working-grid voxels along the finest axis
+    (scaled per axis on anisotropic grids, see :func:`per_axis`)."""
+
+    grid_spacing: int = 4
+    """control-point spacing of the convex search, voxels (a multiple of ``search_step``)"""
+    search_radius: int = 4
+    """candidate displacements on each side of zero per axis, in steps (capture range = radius * step voxels)"""
+    search_step: int = 2
+    """distance between candidate displacements, voxels"""
+    coupling_weights: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    """coupling weights of the convex iterations (cost normalised to mean 1, displacement in steps)"""
+    cost_smoothing_passes: int = 1
+    """3x3x3 box filters applied to the cost of each candidate over neighbouring control points"""
+    inverse_consistent: bool = True
+    """also solve moving->fixed and make both search fields inverse consistent"""
+    inverse_iterations: int = 15
+    chunk_size: int = 64
+    """candidate displacements per cost-volume chunk (bounds temporary memory)"""
+    max_cost_volume_mb: float = 2048.0
+    """refuse search settings whose cost volume would exceed this many MB"""
+    adam_level: int = 2
+    """the Adam field lives on every adam_level-th voxel (1 = full working resolution)"""
+    adam_iterations: int = 40
+    adam_learning_rate: float = 1.0
+    """Adam step size, in lattice voxels"""
+    regularisation: float = 0.5
+    """weight of the diffusion regulariser (features are expected to have unit total variance)"""
+    smoothing_passes: int = 1
+    """3x3x3 box filters applied to the optimised field at every Adam iteration"""
+    diffeomorphic: bool = False
+    """optimise a stationary velocity field and integrate it (scaling and squaring)"""
+    integration_steps: int = 4
+
+    @staticmethod
+    def from_params(params: dict[str, Any]) -> "ConvexAdamSettings":
+        """Settings from a parameter dict; keys that are not settings are ignored."""
+        names = {f.name for f in fields(ConvexAdamSettings)}
+        chosen = {k: v for k, v in params.items() if k in names}
+        if "coupling_weights" in chosen:
+            weights = chosen["coupling_weights"]
+            weights = weights.split(",") if isinstance(weights, str) else weights
+            try:
+                chosen["coupling_weights"] = tuple(float(w) for w in weights)
+            except ValueError:
+                raise InputError(f"coupling_weights must be numbers, got {weights!r}: e.g. 0.003,0.01,0.03,0.1,0.3,1") from None
+        settings = ConvexAdamSettings(**chosen)
+        settings.validate()
+        return settings
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise InputError naming the fix for values that cannot work."""
+        positive = ["grid_spacing", "search_step", "chunk_size", "adam_level", "integration_steps"]
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1 (got {getattr(self, name)}): set {name}=1 or more")
+        non_negative = ["search_radius", "cost_smoothing_passes", "inverse_iterations", "adam_iterations", "smoothing_passes"]
+        for name in non_negative:
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"{name} must be >= 0 (got {getattr(self, name)}): set {name}=0 or more")
+        if self.grid_spacing % self.search_step:
+            raise InputError(f"grid_spacing ({self.grid_spacing}) must be a multiple of search_step ({self.search_step}): "
+                             f"e.g. grid_spacing={self.search_step * max(1, round(self.grid_spacing / self.search_step))}")
+        if self.regularisation < 0 or self.adam_learning_rate <= 0:
+            raise InputError("regularisation must be >= 0 and adam_learning_rate > 0: "
+                             "e.g. regularisation=0.5, adam_learning_rate=1")
+        if any(w < 0 for w in self.coupling_weights):
+            raise InputError("coupling_weights must be >= 0: e.g. 0.003,0.01,0.03,0.1,0.3,1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Lattices: the working grid, the search control grid and the Adam grid are all regular lattices
+# of working voxels: lattice index m sits at working voxel position offset + step * m per axis.
+# ----------------------------------------------------------------------------------------------
+
+def per_axis(value: int, spacing: Sequence[float] | None) -> Axes:
+    """``value`` voxels along the finest axis as per-axis counts (k, j, i), at least 1.
+
+    ``spacing`` is (si, sj, sk) in mm (``Grid.spacing`` order); None means isotropic.
+    """
+    if spacing is None:
+        return (max(1, int(value)),) * 3
+    si, sj, sk = (float(s) for s in spacing)
+    finest = min(si, sj, sk)
+    return tuple(max(1, int(round(value * finest / s))) for s in (sk, sj, si))  # type: ignore[return-value]
+
+
+def block_mean(volume: torch.Tensor, block: Axes) -> torch.Tensor:
+    """Average over non-overlapping blocks (k, j, i); a remainder at the far border is dropped.
+
+    Block m covers voxels [block*m, block*(m+1)); its centre is at ``block*m + (block-1)/2``.
+    """
+    if tuple(block) == (1, 1, 1):
+        return volume
+    return F.avg_pool3d(volume, tuple(block), stride=tuple(block))
+
+
+def block_centres(block: Axes) -> tuple[float, float, float]:
+    """Working-voxel position of lattice index 0 of :func:`block_mean` per axis (k, j, i)."""
+    return tuple((b - 1) / 2.0 for b in block)  # type: ignore[return-value]
+
+
+def resample_lattice(field: torch.Tensor, src_step: Sequence[float], src_offset: Sequence[float],
+                     dst_shape: Sequence[int], dst_step: Sequence[float], dst_offset: Sequence[float]) -> torch.Tensor:
+    """Trilinear resampling of ``field (1, C, ...)`` from one lattice to another (values unchanged).
+
+    Positions are in working voxels: source index m at ``src_offset + src_step * m`` per axis
+    (k, j, i), likewise for the destination. Outside the source lattice the border value is kept.
+    """
+    src_shape = field.shape[2:]
+    axes = []
+    for n_src, n_dst, s_step, s_off, d_step, d_off in zip(src_shape, dst_shape, src_step, src_offset, dst_step, dst_offset):
+        position = d_off + d_step * torch.arange(n_dst, dtype=torch.float32, device=field.device)
+        index = (position - s_off) / s_step
+        axes.append(2.0 * index / (n_src - 1) - 1.0 if n_src > 1 else torch.zeros_like(index))
+    k, j, i = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack([i, j, k], dim=-1).unsqueeze(0)
+    return F.grid_sample(field, grid.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _box3(volume: torch.Tensor, passes: int) -> torch.Tensor:
+    """``passes`` 3x3x3 mean filters; at the border only voxels inside are averaged."""
+    for _ in range(passes):
+        volume = F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)
+    return volume
+
+
+def _channels_ijk(per_axis_kji: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A (k, j, i) per-axis tuple as a ``(1, 3, 1, 1, 1)`` tensor in channel order (i, j, k)."""
+    return torch.tensor([per_axis_kji[2], per_axis_kji[1], per_axis_kji[0]], dtype=torch.float32,
+                        device=device).view(1, 3, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: convex discrete search
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchGeometry:
+    """Per-axis (k, j, i) sizes of the convex search on a working grid of shape ``shape``."""
+
+    shape: Axes
+    grid_spacing: Axes
+    step: Axes
+    radius: int
+
+    @property
+    def control_shape(self) -> Axes:
+        return tuple(n // g for n, g in zip(self.shape, self.grid_spacing))  # type: ignore[return-value]
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """Candidate displacements ``(D, 3)`` in steps, columns (k, j, i), k slowest."""
+        r = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        k, j, i = torch.meshgrid(r, r, r, indexing="ij")
+        return torch.stack([k.reshape(-1), j.reshape(-1), i.reshape(-1)], dim=1)
+
+
+def search_geometry(shape: Sequence[int], settings: ConvexAdamSettings, spacing: Sequence[float] | None) -> SearchGeometry:
+    """Per-axis search sizes for a working grid of ``shape`` (k, j, i) and ``spacing`` (si, sj, sk) mm."""
+    step = per_axis(settings.search_step, spacing)
+    ratio = settings.grid_spacing // settings.search_step
+    # the grid spacing stays a multiple of the step on every axis (candidate blocks are slices)
+    grid_spacing = tuple(s * ratio for s in step)
+    shape_kji: Axes = (int(shape[0]), int(shape[1]), int(shape[2]))
+    geometry = SearchGeometry(shape_kji, grid_spacing, step, int(settings.search_radius))  # type: ignore[arg-type]
+    if any(n < g for n, g in zip(geometry.shape, geometry.grid_spacing)):
+        raise InputError(f"the working grid {tuple(shape)} is smaller than one search block {grid_spacing}: "
+                         "lower grid_spacing or working_spacing_mm")
+    return geometry
+
+
+def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: SearchGeometry,
+                       chunk_size: int = 64, smoothing_passes: int = 1, progress: Progress | None = None,
+                       progress_span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Cost of every candidate displacement at every control point: ``(D, Kc, Jc, Ic)``.
+
+    ``cost[d, c] = sum_channels (source_block(c) - target_block(c + candidate_d))^2`` where blocks
+    are ``grid_spacing`` wide feature means (``source`` = the image the field is defined on); each
+    candidate's cost map is then smoothed over neighbouring control points. Candidates are processed
+    ``chunk_size`` at a time, so temporary memory is about ``chunk_size * channels * control points``
+    floats; the result does not depend on the chunk size. Costs are normalised to mean 1. Target
+    blocks that leave the image see replicated border features.
+    """
+    g, s, r = geometry.grid_spacing, geometry.step, geometry.radius
+    kc, jc, ic = geometry.control_shape
+    channels = source.shape[1]
+    device = source.device
+    # channels last, one row per control point: (P, C)
+    source_blocks = block_mean(source, g)[0, :, :kc, :jc, :ic].reshape(channels, -1).t().contiguous()
+    # Target block means at every `step` voxel, padded so that every candidate block exists.
+    pad = [r * x for x in s]
+    padded = F.pad(target, (pad[2], pad[2], pad[1], pad[1], pad[0], pad[0]), mode="replicate")
+    target_blocks = F.avg_pool3d(padded, tuple(g), stride=tuple(s))[0]
+    del padded
+    tk, tj, ti = target_blocks.shape[1:]
+    target_rows = target_blocks.reshape(channels, -1).t().contiguous()  # (Kt * Jt * It, C)
+    del target_blocks
+    ratio = [gg // ss for gg, ss in zip(g, s)]
+    # row of target_rows for control point c and candidate a (in steps): (c * ratio + a + r) per axis
+    ck, cj, ci = torch.meshgrid(*(torch.arange(n, device=device) * q for n, q in zip((kc, jc, ic), ratio)), indexing="ij")
+    base = ((ck + r) * tj + (cj + r)) * ti + (ci + r)
+    base = base.reshape(-1)
+    candidates = geometry.candidates.to(device).long()
+    offsets = (candidates[:, 0] * tj + candidates[:, 1]) * ti + candidates[:, 2]
+    count = candidates.shape[0]
+    cost = torch.empty((count, kc, jc, ic), dtype=torch.float32, device=device)
+    # at most ~64 M gathered feature values (256 MB) per chunk, whatever chunk_size says
+    chunk_size = max(1, min(int(chunk_size), (64 * 2 ** 20) // max(1, base.numel() * channels)))
+    start, end = progress_span
+    for c0 in range(0, count, chunk_size):
+        c1 = min(count, c0 + chunk_size)
+        rows = (offsets[c0:c1, None] + base[None, :]).reshape(-1)
+        moved = target_rows.index_select(0, rows).view(c1 - c0, -1, channels)
+        chunk = (moved - source_blocks.unsqueeze(0)).square_().sum(dim=2)
+        del moved
+        cost[c0:c1] = _box3(chunk.view(1, c1 - c0, kc, jc, ic), smoothing_passes)[0]
+        if progress is not None:
+            progress.update(start + (end - start) * c1 / count)
+    mean = float(cost.mean())
+    if mean > 0:
+        cost /= mean
+    return cost
+
+
+def coupled_convex(cost: torch.Tensor, geometry: SearchGeometry, coupling_weights: Sequence[float],
+                   points_per_chunk: int = 16384) -> torch.Tensor:
+    """Globally regularised choice of candidates: the control-point field ``(1, 3, Kc, Jc, Ic)``.
+
+    Alternates a point-wise argmin of ``cost + weight * |d - smooth_field|^2`` (d in steps) and a
+    3x3x3 smoothing of the chosen displacements, for each weight in ``coupling_weights``.
+    Returned channels are (di, dj, dk) in working voxels.
+    """
+    candidates = geometry.candidates.to(cost.device)  # (D, 3) steps, (k, j, i)
+    count = cost.shape[0]
+    shape = cost.shape[1:]
+    flat_cost = cost.reshape(count, -1)
+    candidate_norms = candidates.square().sum(dim=1, keepdim=True)  # (D, 1)
+
+    def field_of(choice: torch.Tensor) -> torch.Tensor:
+        chosen = candidates[choice]  # (P, 3) (k, j, i) steps
+        return _box3(chosen.t().reshape(1, 3, *shape), 1)
+
+    soft = field_of(flat_cost.argmin(dim=0))
+    for weight in coupling_weights:
+        soft_flat = soft.reshape(3, -1)
+        choice = torch.empty(flat_cost.shape[1], dtype=torch.long, device=cost.device)
+        for p0 in range(0, flat_cost.shape[1], points_per_chunk):
+            p1 = min(flat_cost.shape[1], p0 + points_per_chunk)
+            # cost + w |c - t|^2 = cost + w |c|^2 - 2 w c.t + (w |t|^2, the same for every candidate)
+            coupled = torch.addmm(flat_cost[:, p0:p1] + weight * candidate_norms, candidates, soft_flat[:, p0:p1],
+                                  alpha=-2.0 * weight)
+            choice[p0:p1] = coupled.argmin(dim=0)
+        soft = field_of(choice)
+    steps_kji = soft * torch.tensor(geometry.step, dtype=torch.float32, device=cost.device).view(1, 3, 1, 1, 1)
+    return steps_kji.flip(1)  # (k, j, i) -> (i, j, k) channel order
+
+
+def make_inverse_consistent(forward: torch.Tensor, backward: torch.Tensor,
+                            iterations: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetrise a forward and a backward voxel displacement on one lattice (ConvexAdam's scheme).
+
+    Each iteration sets ``f <- (f - b o (id + f)) / 2`` and ``b <- (b - f o (id + b)) / 2`` so that
+    composing them approaches the identity. Fields ``(1, 3, ...)`` in voxels of that lattice.
+    """
+    for _ in range(iterations):
+        f_old, b_old = forward, backward
+        forward = 0.5 * (f_old - spatial.warp_with_voxel_displacement(b_old, f_old))
+        backward = 0.5 * (b_old - spatial.warp_with_voxel_displacement(f_old, b_old))
+    return forward, backward
+
+
+def convex_search(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings,
+                  spacing: Sequence[float] | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """Stage 1 on its own: voxel displacement ``(1, 3, K, J, I)`` on the working grid (di, dj, dk)."""
+    field, geometry = _convex_search_control(fixed, moving, settings, spacing, progress)
+    return control_to_grid(field, geometry)
+
+
+def control_to_grid(field: torch.Tensor, geometry: SearchGeometry) -> torch.Tensor:
+    """Interpolate a control-point field to every voxel of the working grid (values unchanged)."""
+    return resample_lattice(field, geometry.grid_spacing, block_centres(geometry.grid_spacing), geometry.shape,
+                            (1, 1, 1), (0, 0, 0))
+
+
+def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings,
+                           spacing: Sequence[float] | None, progress: Progress | None) -> tuple[torch.Tensor, SearchGeometry]:
+    geometry = search_geometry(fixed.shape[2:], settings, spacing)
+    count = (2 * geometry.radius + 1) ** 3
+    megabytes = count * torch.Size(geometry.control_shape).numel() * 4 / 2 ** 20
+    if megabytes > settings.max_cost_volume_mb:
+        raise InputError(f"the search cost volume would take {megabytes:.0f} MB: raise grid_spacing, lower search_radius "
+                         f"or raise max_cost_volume_mb (now {settings.max_cost_volume_mb:.0f})")
+    directions = 2 if settings.inverse_consistent else 1
+    with torch.no_grad():
+        cost = search_cost_volume(fixed, moving, geometry, settings.chunk_size, settings.cost_smoothing_passes,
+                                  progress, (0.0, 0.9 if directions == 1 else 0.45))
+        forward = coupled_convex(cost, geometry, settings.coupling_weights)
+        del cost
+        if not settings.inverse_consistent:
+            return forward, geometry
+        cost = search_cost_volume(moving, fixed, geometry, settings.chunk_size, settings.cost_smoothing_passes,
+                                  progress, (0.45, 0.9))
+        backward = coupled_convex(cost, geometry, settings.coupling_weights)
+        del cost
+        to_control = _channels_ijk(geometry.grid_spacing, fixed.device)
+        forward, _ = make_inverse_consistent(forward / to_control, backward / to_control, settings.inverse_iterations)
+        if progress is not None:
+            progress.update(1.0)
+        return forward * to_control, geometry
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: Adam instance optimisation
+# ----------------------------------------------------------------------------------------------
+
+def _axis_weights(voxel_mm: Sequence[float], displacement: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Channel factors to mm and per-axis 1/size^2 (k, j, i) used by the diffusion terms."""
+    to_mm = _channels_ijk(voxel_mm, displacement.device)
+    return to_mm, [1.0 / float(size) ** 2 for size in voxel_mm]
+
+
+def diffusion_energy(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Diffusion regulariser: sum over axes of the mean squared forward difference (dimensionless).
+
+    ``displacement (1, 3, K, J, I)`` has channels (di, dj, dk) in lattice voxels whose size is
+    ``voxel_mm`` (k, j, i); derivatives are mm per mm, so the value is comparable between
+    isotropic and anisotropic lattices. :func:`diffusion_gradient` is its exact gradient.
+    """
+    to_mm, weights = _axis_weights(voxel_mm, displacement)
+    mm = displacement * to_mm
+    energy = displacement.new_zeros(())
+    for axis, weight in zip((2, 3, 4), weights):
+        n = displacement.shape[axis]
+        if n > 1:
+            energy = energy + weight * (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).square().mean()
+    return energy
+
+
+def diffusion_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Gradient of :func:`diffusion_energy` with respect to ``displacement``, computed directly.
+
+    A negative discrete Laplacian (Neumann borders): far cheaper on the CPU than autograd
+    through slices, which is why the Adam loop uses it.
+    """
+    to_mm, weights = _axis_weights(voxel_mm, displacement)
+    mm = displacement * to_mm
+    gradient = torch.zeros_like(displacement)
+    for axis, weight in zip((2, 3, 4), weights):
+        n = displacement.shape[axis]
+        if n > 1:
+            count = mm.numel() // n * (n - 1)
+            difference = (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).mul_(2.0 * weight / count)
+            gradient.narrow(axis, 1, n - 1).add_(difference)
+            gradient.narrow(axis, 0, n - 1).sub_(difference)
+    return gradient * to_mm
+
+
+def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, settings: ConvexAdamSettings,
+                          spacing: Sequence[float] | None = None, mask: torch.Tensor | None = None,
+                          progress: Progress | None = None) -> torch.Tensor:
+    """Stage 2 on its own: refine ``initial (1, 3, K, J, I)`` (voxels) with Adam; returns the same form.
+
+    ``mask (1, 1, K, J, I)`` restricts the data term to the lattice cells that touch it (e.g. the
+    dilated fixed foreground), which saves time; the regulariser acts everywhere.
+    """
+    shape = tuple(fixed.shape[2:])
+    level = per_axis(settings.adam_level, spacing)
+    level = tuple(min(l, n) for l, n in zip(level, shape))  # type: ignore[assignment]
+    offset = block_centres(level)  # type: ignore[arg-type]
+    spacing_kji = (1.0, 1.0, 1.0) if spacing is None else (float(spacing[2]), float(spacing[1]), float(spacing[0]))
+    voxel_mm = tuple(l * s for l, s in zip(level, spacing_kji))
+    device = fixed.device
+    with torch.no_grad():
+        fixed_lattice = block_mean(fixed.float(), level)  # type: ignore[arg-type]
+        moving_lattice = block_mean(moving.float(), level)  # type: ignore[arg-type]
+        lattice_shape = tuple(fixed_lattice.shape[2:])
+        to_lattice = _channels_ijk(level, device)  # type: ignore[arg-type]
+        start = resample_lattice(initial.float(), (1, 1, 1), (0, 0, 0), lattice_shape, level, offset) / to_lattice
+        channels = fixed_lattice.shape[1]
+        if mask is not None:
+            inside = block_mean((mask > 0.5).float(), level).reshape(-1) > 0  # type: ignore[arg-type]
+            points = torch.nonzero(inside).squeeze(1)
+        else:
+            points = torch.arange(fixed_lattice[0, 0].numel(), device=device)
+        fixed_points = fixed_lattice.reshape(channels, -1)[:, points]
+        base = spatial.identity_grid_normalised(lattice_shape, device).reshape(-1, 3)[points]
+        scale = spatial.voxel_to_normalised_scale(lattice_shape, device)
+    if settings.adam_iterations == 0 or points.numel() == 0:
+        return initial
+    parameter = start.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([parameter], lr=settings.adam_learning_rate, foreach=False)
+
+    def field_of(param: torch.Tensor) -> torch.Tensor:
+        smooth = _box3(param, settings.smoothing_passes)
+        if settings.diffeomorphic:
+            return spatial.integrate_velocity(smooth, settings.integration_steps)
+        return smooth
+
+    count = points.numel()
+    for iteration in range(settings.adam_iterations):
+        optimiser.zero_grad(set_to_none=True)
+        displacement = field_of(parameter)
+        # data term by autograd up to the displacement; the regulariser's gradient is added directly
+        current = displacement.detach().requires_grad_(True)
+        moved = current.reshape(3, -1).t().index_select(0, points)  # (N, 3) lattice voxels
+        grid = torch.addcmul(base, moved, scale).view(1, 1, 1, count, 3)
+        sampled = F.grid_sample(moving_lattice, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        data = F.mse_loss(sampled.view(channels, count), fixed_points, reduction="sum") / count
+        data.backward()
+        gradient = current.grad
+        if settings.regularisation > 0:
+            gradient = gradient.add_(diffusion_gradient(current.detach(), voxel_mm), alpha=settings.regularisation)
+        displacement.backward(gradient)
+        optimiser.step()
+        if progress is not None:
+            progress.update((iteration + 1) / settings.adam_iterations)
+    with torch.no_grad():
+        lattice_field = field_of(parameter) * to_lattice
+        return resample_lattice(lattice_field, level, offset, shape, (1, 1, 1), (0, 0, 0))
+
+
+def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings | None = None,
+                spacing: Sequence[float] | None = None, mask: torch.Tensor | None = None,
+                progress: Progress | None = None) -> torch.Tensor:
+    """Register feature volumes: returns the voxel displacement ``(1, 3, K, J, I)`` (di, dj, dk).
+
+    Args:
+        fixed, moving: ``(1, C, K, J, I)`` float features on the same working grid and device.
+            Best scaled to unit total variance (sum over channels of the variances = 1), which the
+            default ``regularisation`` assumes.
+        settings: parameters (defaults when None).
+        spacing: working grid spacing (si, sj, sk) in mm, for anisotropic grids; None = isotropic.
+        mask: optional ``(1, 1, K, J, I)`` region of the fixed grid where the data term of the
+            Adam stage is evaluated (dilated foreground); None = everywhere.
+        progress: reports the stages :data:`STAGE_SEARCH` and :data:`STAGE_ADAM` and checks cancel.
+
+    The field maps fixed voxels to moving voxels: ``moving`` resampled at ``x + u(x)``
+    (:func:`spatial.warp_with_voxel_displacement`) matches ``fixed``.
+    """
+    settings = settings or ConvexAdamSettings()
+    settings.validate()
+    if fixed.dim() != 5 or fixed.shape != moving.shape or fixed.shape[0] != 1:
+        raise InputError(f"fixed and moving features must both be (1, C, K, J, I) of one shape, got "
+                         f"{tuple(fixed.shape)} and {tuple(moving.shape)}: resample them onto one working grid")
+    fixed, moving = fixed.float(), moving.float()
+    if progress is not None:
+        progress.stage(STAGE_SEARCH)
+    if settings.search_radius > 0:
+        control, geometry = _convex_search_control(fixed, moving, settings, spacing, progress)
+        displacement = control_to_grid(control, geometry)
+    else:
+        displacement = fixed.new_zeros((1, 3, *fixed.shape[2:]))
+    if progress is not None:
+        progress.stage(STAGE_ADAM)
+    return instance_optimisation(fixed, moving, displacement, settings, spacing, mask, progress)
