@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO / "DinoRegistration"))
 SHARED_DATA = Path(os.environ.get("DINOREG_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEMO = REPO / "Resources" / "Demo"
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine does, before torch is imported
 import torch  # noqa: E402
 
 # Under pytest-xdist each worker gets one core's worth of threads, so workers don't oversubscribe.

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from DinoRegistrationLib import metrics
 from DinoRegistrationLib.cli import main

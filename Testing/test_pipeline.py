@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from conftest import DEMO, shared_file
 from DinoRegistrationLib import outputs as outputs_module
@@ -19,8 +18,7 @@ from DinoRegistrationLib.io import read_volume, write_volume
 from DinoRegistrationLib.methods.base import get_method
 from DinoRegistrationLib.pipeline import RegistrationOptions, register
 from DinoRegistrationLib.progress import Progress
-from DinoRegistrationLib.transforms import DenseField, Transform, warp_volume
-from DinoRegistrationLib.volume import Volume
+from DinoRegistrationLib.transforms import Transform, warp_volume
 
 
 def sitk_resample_matches_warped(outdir: Path, fixed_path: Path, moving_path: Path, labels: bool = False) -> float:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from DinoRegistrationLib import spatial
 from DinoRegistrationLib.errors import Cancelled, InputError
-from DinoRegistrationLib.features.mind import MIND_CHANNELS, mind_ssc, per_axis_voxels, robust_normalise
+from DinoRegistrationLib.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
+from DinoRegistrationLib.spatial import voxels_per_axis
 from DinoRegistrationLib.methods import zeroshot
 from DinoRegistrationLib.methods.base import RegistrationProblem
 from DinoRegistrationLib.optim.convex_adam import (STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam,
@@ -85,8 +86,8 @@ def test_mind_with_mask_ignores_everything_outside_the_mask():
 
 def test_mind_anisotropic_grid_scales_offsets_per_axis():
     # spacing (si, sj, sk) = (1, 1, 4) mm: 2 voxels in-plane is 2 mm; along k one voxel (4 mm) is the nearest
-    assert per_axis_voxels(2, (1.0, 1.0, 4.0), minimum=1) == (1, 2, 2)
-    assert per_axis_voxels(1, (1.0, 1.0, 4.0), minimum=0) == (0, 1, 1)
+    assert voxels_per_axis(2, (1.0, 1.0, 4.0), minimum=1) == (1, 2, 2)
+    assert voxels_per_axis(1, (1.0, 1.0, 4.0), minimum=0) == (0, 1, 1)
     image = blobs(shape=(8, 32, 32), seed=3)
     assert mind_ssc(image, spacing=(1.0, 1.0, 4.0)).shape == (1, MIND_CHANNELS, 8, 32, 32)
 

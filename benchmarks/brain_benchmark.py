@@ -219,25 +219,6 @@ def peak_ram_mb() -> float:
 # ----------------------------------------------------------------------------- one run (in a child process)
 
 
-def allow_explicit_dino_model(spec: MethodSpec) -> None:
-    """Work around ``pipeline.choose_method`` checking only the DEFAULT model of a dino method.
-
-    It refuses ``dino-zeroshot`` when the default hub model is not downloaded even though
-    ``params['model']`` names a usable local folder. In this child process only, a method whose
-    default is unavailable is accepted when the explicitly given model is available (the
-    benchmark checked it in the parent too). A no-op once the engine checks ``params['model']``.
-    """
-    from DinoRegistrationLib import pipeline
-    from DinoRegistrationLib.methods.base import get_method
-
-    if "model" not in spec.params or get_method(spec.name).availability().ok:
-        return
-    if dino_unavailable_reason(str(spec.params["model"])) is not None:
-        return
-    original = pipeline.choose_method
-    pipeline.choose_method = lambda name: name if name == spec.name else original(name)
-
-
 def run_engine(spec: MethodSpec, pair: Pair, device: str) -> dict[str, Any]:
     """One engine registration; timings and memory from the child process and the engine report."""
     from DinoRegistrationLib.pipeline import RegistrationOptions, register
@@ -247,7 +228,6 @@ def run_engine(spec: MethodSpec, pair: Pair, device: str) -> dict[str, Any]:
     moving_labels = synthesize.read_volume(pair.moving.labels)
     fixed_labels = synthesize.read_volume(pair.fixed.labels)
     baseline = peak_ram_mb()
-    allow_explicit_dino_model(spec)
     options = RegistrationOptions(method=spec.name, preset=spec.preset, params=dict(spec.params), device=device,
                                   compute_inverse=False, compute_jacobian=True)
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from . import __version__, metrics
 from .affine import AffineSettings, affine_registration
 from .intensity import foreground, normalise, robust_range
-from .methods.base import RegistrationProblem, get_method, registry
+from .methods.base import Method, RegistrationProblem, get_method, registry
 from .progress import Progress
 from .spatial import resolve_device
 from .transforms import Transform, jacobian_determinant, warp_volume
@@ -57,21 +57,33 @@ class RegistrationResult:
     report: dict[str, Any]
 
 
-def choose_method(name: str) -> str:
-    """Resolve 'auto' to the best available method; check that a named one can run here."""
+def choose_method(options: RegistrationOptions) -> tuple[Method, dict[str, Any]]:
+    """The method to run and its parameters; 'auto' takes the best that can run here.
+
+    Availability is judged with the user's parameters (e.g. a local ``model`` folder for DINO).
+    """
     from .errors import InputError
 
-    if name != "auto":
-        method = get_method(name)
-        availability = method.availability()
+    if options.method != "auto":
+        method = get_method(options.method)
+        params = method.parameters(options.preset, options.params)
+        availability = method.availability(params)
         if not availability.ok:
-            raise InputError(f"method '{name}' cannot run here: {availability.reason}")
-        return name
+            raise InputError(f"method '{options.method}' cannot run here: {availability.reason}")
+        return method, params
     methods = registry()
     for candidate in AUTO_PREFERENCE:
-        if candidate in methods and methods[candidate]().availability().ok:
-            return candidate
-    return "affine"
+        if candidate not in methods:
+            continue
+        method = methods[candidate]()
+        try:
+            params = method.parameters(options.preset, options.params)
+        except InputError:
+            continue  # a parameter or preset this method does not know: not a candidate
+        if method.availability(params).ok:
+            return method, params
+    raise InputError(f"no method accepts preset {options.preset!r} and parameters {sorted(options.params)}: "
+                     "name one with --method (see 'dinoreg methods')")
 
 
 def plan_stages(progress: Progress, method_weights: dict[str, float], options: RegistrationOptions,
@@ -99,9 +111,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    method_name = choose_method(options.method)
-    method = get_method(method_name)
-    params = method.parameters(options.preset, options.params)
+    method, params = choose_method(options)
+    method_name = method.name
     use_affine = options.use_affine and method.uses_affine_stage
     plan_stages(progress, method.stage_weights, options, use_affine)
     problem = RegistrationProblem(fixed, moving, fixed_mask, moving_mask, device, params, progress)

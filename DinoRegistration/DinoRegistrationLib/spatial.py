@@ -136,6 +136,19 @@ def sample_at_points(image: torch.Tensor, grid: Grid, points: torch.Tensor, mode
     return values * inside.unsqueeze(1).to(values.dtype)
 
 
+def voxels_per_axis(value: int, spacing, minimum: int = 1) -> tuple[int, int, int]:
+    """``value`` voxels of a grid's finest axis expressed per array axis (k, j, i).
+
+    ``spacing`` is (si, sj, sk) in mm (the order of ``Grid.spacing``); None means isotropic. Used
+    so neighbourhoods and control grids cover about the same millimetres on anisotropic grids.
+    """
+    if spacing is None:
+        return (max(minimum, int(value)),) * 3
+    si, sj, sk = (float(s) for s in spacing)
+    finest = min(si, sj, sk)
+    return tuple(max(minimum, int(round(value * finest / s))) for s in (sk, sj, si))  # type: ignore[return-value]
+
+
 def resize_field(field: torch.Tensor, shape_kji: tuple[int, int, int]) -> torch.Tensor:
     """Trilinear resize of any (N, C, K, J, I) tensor to a new grid shape (corners aligned)."""
     if tuple(field.shape[2:]) == tuple(shape_kji):

@@ -91,7 +91,7 @@ class DenseField:
         sampled = spatial.sample_at_points(self.as_tensor(), self.grid, points)
         return DenseField(sampled[0].permute(1, 2, 3, 0).numpy(), grid)
 
-    def inverse(self, iterations: int = 30, max_voxels: int = 4_000_000) -> "DenseField":
+    def inverse(self, iterations: int = 30, max_voxels: int = 2_000_000) -> "DenseField":
         """Numerical inverse: ``x + v(x)`` undoes ``x + u(x)`` (fixed-point iteration), same grid.
 
         Grids larger than ``max_voxels`` are inverted on a coarser grid over the same box and the

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..spatial import voxels_per_axis
 
 #: number of MIND-SSC channels
 MIND_CHANNELS = 12
@@ -38,18 +39,6 @@ _SIX_NEIGHBOURS = [(-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0,
 _PAIRS = [(a, b) for a in range(6) for b in range(a + 1, 6)
           if sum((p - q) ** 2 for p, q in zip(_SIX_NEIGHBOURS[a], _SIX_NEIGHBOURS[b])) == 2]
 assert len(_PAIRS) == MIND_CHANNELS
-
-
-def per_axis_voxels(value: int, spacing: Sequence[float] | None, minimum: int) -> tuple[int, int, int]:
-    """``value`` voxels of the finest axis expressed per axis (k, j, i) of a grid.
-
-    ``spacing`` is (si, sj, sk) in mm, the order of ``Grid.spacing``; None means isotropic.
-    """
-    if spacing is None:
-        return (max(minimum, value),) * 3
-    si, sj, sk = (float(s) for s in spacing)
-    finest = min(si, sj, sk)
-    return tuple(max(minimum, int(round(value * finest / s))) for s in (sk, sj, si))  # type: ignore[return-value]
 
 
 def fill_outside_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -105,8 +94,8 @@ def mind_ssc(image: torch.Tensor, mask: torch.Tensor | None = None, radius: int 
     image = image.float()
     if mask is not None:
         image = fill_outside_mask(image, mask)
-    dk, dj, di = per_axis_voxels(dilation, spacing, minimum=1)
-    radii = per_axis_voxels(radius, spacing, minimum=0)
+    dk, dj, di = voxels_per_axis(dilation, spacing, minimum=1)
+    radii = voxels_per_axis(radius, spacing, minimum=0)
     K, J, I = image.shape[2:]
     padded = F.pad(image, (di, di, dj, dj, dk, dk), mode="replicate")
 

@@ -62,7 +62,8 @@ class Method:
     #: preset name -> parameter values; ``presets[default_preset]`` holds every parameter
     presets: dict[str, dict[str, Any]] = {"default": {}}
 
-    def availability(self) -> Availability:
+    def availability(self, params: dict[str, Any] | None = None) -> Availability:
+        """Whether the method can run here with ``params`` (None: its default parameters)."""
         return Availability(True)
 
     def parameters(self, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

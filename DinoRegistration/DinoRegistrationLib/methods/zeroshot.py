@@ -200,7 +200,7 @@ class MindZeroShot(ZeroShotMethod):
     summary = "MIND-SSC features + ConvexAdam (convex search, then Adam); no model needed, any modality"
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS})
 
-    def availability(self) -> Availability:
+    def availability(self, params: dict[str, Any] | None = None) -> Availability:
         return Availability(True)
 
     def features(self, pair, fixed, moving, foreground, params, problem):
@@ -215,8 +215,8 @@ class DinoZeroShot(ZeroShotMethod):
     stage_weights = DINO_STAGE_WEIGHTS
     presets = _presets({**COMMON_DEFAULTS, **DINO_DEFAULTS})
 
-    def availability(self) -> Availability:
-        return dino_module_availability(str(self.presets[self.default_preset]["model"]))
+    def availability(self, params: dict[str, Any] | None = None) -> Availability:
+        return dino_module_availability(str((params or self.parameters())["model"]))
 
     def features(self, pair, fixed, moving, foreground, params, problem):
         fixed_dino, moving_dino = dino_pair(pair, params, problem)
@@ -230,8 +230,8 @@ class DinoMind(ZeroShotMethod):
     stage_weights = DINO_STAGE_WEIGHTS
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS, **DINO_DEFAULTS, "mind_weight": 0.5})
 
-    def availability(self) -> Availability:
-        return dino_module_availability(str(self.presets[self.default_preset]["model"]))
+    def availability(self, params: dict[str, Any] | None = None) -> Availability:
+        return dino_module_availability(str((params or self.parameters())["model"]))
 
     def features(self, pair, fixed, moving, foreground, params, problem):
         weight = float(params["mind_weight"])

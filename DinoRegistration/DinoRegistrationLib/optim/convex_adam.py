@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import spatial
+from ..spatial import voxels_per_axis
 from ..errors import InputError
 from ..progress import Progress
 
@@ -128,18 +129,6 @@ class ConvexAdamSettings:
 # of working voxels: lattice index m sits at working voxel position offset + step * m per axis.
 # ----------------------------------------------------------------------------------------------
 
-def per_axis(value: int, spacing: Sequence[float] | None) -> Axes:
-    """``value`` voxels along the finest axis as per-axis counts (k, j, i), at least 1.
-
-    ``spacing`` is (si, sj, sk) in mm (``Grid.spacing`` order); None means isotropic.
-    """
-    if spacing is None:
-        return (max(1, int(value)),) * 3
-    si, sj, sk = (float(s) for s in spacing)
-    finest = min(si, sj, sk)
-    return tuple(max(1, int(round(value * finest / s))) for s in (sk, sj, si))  # type: ignore[return-value]
-
-
 def block_mean(volume: torch.Tensor, block: Axes) -> torch.Tensor:
     """Average over non-overlapping blocks (k, j, i); a remainder at the far border is dropped.
 
@@ -213,7 +202,7 @@ class SearchGeometry:
 
 def search_geometry(shape: Sequence[int], settings: ConvexAdamSettings, spacing: Sequence[float] | None) -> SearchGeometry:
     """Per-axis search sizes for a working grid of ``shape`` (k, j, i) and ``spacing`` (si, sj, sk) mm."""
-    step = per_axis(settings.search_step, spacing)
+    step = voxels_per_axis(settings.search_step, spacing)
     ratio = settings.grid_spacing // settings.search_step
     # the grid spacing stays a multiple of the step on every axis (candidate blocks are slices)
     grid_spacing = tuple(s * ratio for s in step)
@@ -420,7 +409,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
     dilated fixed foreground), which saves time; the regulariser acts everywhere.
     """
     shape = tuple(fixed.shape[2:])
-    level = per_axis(settings.adam_level, spacing)
+    level = voxels_per_axis(settings.adam_level, spacing)
     level = tuple(min(l, n) for l, n in zip(level, shape))  # type: ignore[assignment]
     offset = block_centres(level)  # type: ignore[arg-type]
     spacing_kji = (1.0, 1.0, 1.0) if spacing is None else (float(spacing[2]), float(spacing[1]), float(spacing[0]))
