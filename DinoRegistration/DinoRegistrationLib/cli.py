@@ -276,8 +276,9 @@ def command_methods(args: argparse.Namespace) -> int:
     for row in rows:
         state = "available" if row["available"] else f"unavailable: {row['reason']}"
         print(f"{row['name']:<16} {state}\n{'':<16} {row['summary']}")
-        if len(row["presets"]) > 1:
-            print(f"{'':<16} presets: {', '.join(row['presets'])} (default {row['default_preset']})")
+        named = [p for p in row["presets"] if p != "default"]
+        if named:
+            print(f"{'':<16} presets (--preset): {', '.join(named)}")
     return 0
 
 
