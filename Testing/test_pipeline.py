@@ -156,3 +156,19 @@ def test_failed_write_leaves_previous_outputs_untouched(tmp_path, monkeypatch, c
         main(["demo", "-o", str(outdir), "--method", "affine", "--quiet"])
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_apply_command_reproduces_warped_and_warps_labels(tmp_path):
+    outdir = tmp_path / "demo"
+    assert main(["demo", "-o", str(outdir), "--method", "affine", "--quiet"]) == 0
+    fixed_path, moving_path = DEMO / "MRBrainTumor1.nii.gz", DEMO / "MRBrainTumor2.nii.gz"
+    applied = tmp_path / "applied.nii.gz"
+    assert main(["apply", str(outdir / "transform.h5"), str(moving_path), "-r", str(fixed_path), "-o", str(applied)]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(applied))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(outdir / "warped.nii.gz"))))
+    labels = read_volume(moving_path)
+    labels = labels.with_array((labels.array > np.percentile(labels.array, 70)).astype(np.uint8) * 3)
+    write_volume(labels, tmp_path / "labels.nii.gz")
+    assert main(["apply", str(outdir / "transform.h5"), str(tmp_path / "labels.nii.gz"), "-r", str(fixed_path),
+                 "-o", str(tmp_path / "warped_labels.nii.gz"), "--labels"]) == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped_labels.nii.gz"))))) <= {0, 3}
