@@ -275,6 +275,13 @@ def test_dino_methods_run_end_to_end_with_a_tiny_local_model(tmp_path, monkeypat
             assert result.dense is not None and np.isfinite(result.dense.displacement).all()
             assert "dino features" in stages and STAGE_ADAM in stages
             assert set(stages) <= set(method.stage_weights)
+        # through the pipeline: availability is judged with the user's model, and 'auto' prefers dino-mind
+        from DinoRegistrationLib.pipeline import RegistrationOptions, register
+
+        for name, expected in (("dino-zeroshot", "dino-zeroshot"), ("auto", "dino-mind")):
+            options = RegistrationOptions(method=name, preset="fast", params=overrides, use_affine=False,
+                                          compute_inverse=False, compute_jacobian=False)
+            assert register(fixed_volume, moving_volume, options).report["method"] == expected
     finally:
         forget_loaded_backbones()
 
