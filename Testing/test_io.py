@@ -77,3 +77,15 @@ def test_folder_without_dicom_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputError, match="no DICOM series"):
         read_volume(tmp_path, "fixed image")
+
+
+def test_preview_slices_are_anatomical_whatever_the_storage_order():
+    """The same anatomy stored LPS and LIA (FreeSurfer's order) gives the same preview slices."""
+    from DinoRegistrationLib.preview import mid_slices
+
+    volume = Volume(np.random.default_rng(0).random((9, 10, 11)).astype(np.float32), Grid((11, 10, 9)))
+    lia = Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LIA"))
+    assert lia.array.shape != volume.array.shape
+    for (a, aspect_a), (b, aspect_b) in zip(mid_slices(volume), mid_slices(lia)):
+        np.testing.assert_array_equal(a, b)
+        assert aspect_a == aspect_b

@@ -5,15 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 from .intensity import normalise, robust_range
 from .volume import Volume
 
 
 def mid_slices(volume: Volume) -> list[tuple[np.ndarray, float]]:
-    """Axial, coronal and sagittal mid-slices of an array [k, j, i], each with its pixel aspect ratio."""
-    array = volume.array
-    sx, sy, sz = volume.grid.spacing
+    """Axial, coronal and sagittal mid-slices, each with its pixel aspect ratio (height / width).
+
+    The volume is first permuted and flipped to the axes closest to LPS (``sitk.DICOMOrient``), so
+    the views are anatomical whatever the storage order (RAS, LIA, ...): array [k, j, i] = [S, P, L].
+    Superior is drawn at the top of coronal and sagittal views.
+    """
+    oriented = Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS"))
+    array = oriented.array
+    sx, sy, sz = oriented.grid.spacing
     k, j, i = (n // 2 for n in array.shape)
     return [(array[k, :, :], sy / sx), (array[::-1, j, :], sz / sx), (array[::-1, :, i], sz / sy)]
 
