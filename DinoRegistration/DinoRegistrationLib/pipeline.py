@@ -143,13 +143,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
                           warped, moving_on_fixed_grid, fixed_mask, jacobian, transform)
     if fixed_labels is not None and moving_labels is not None:
-        report["labels"] = label_scores(fixed_labels, moving_labels, warped_labels, moving_on_fixed_grid_labels(moving_labels, fixed, device))
+        unregistered_labels = warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
+        report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
-
-
-def moving_on_fixed_grid_labels(moving_labels: Volume, fixed: Volume, device: torch.device) -> Volume:
-    return warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
 
 
 def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:
@@ -175,7 +172,7 @@ def similarity(fixed: Volume, other: Volume, moving: Volume, mask: np.ndarray) -
     }
 
 
-def label_scores(fixed_labels: Volume, moving_labels: Volume, warped_labels: Volume, unregistered: Volume) -> dict[str, Any]:
+def label_scores(fixed_labels: Volume, warped_labels: Volume, unregistered: Volume) -> dict[str, Any]:
     after = metrics.dice_per_label(fixed_labels.array, warped_labels.array)
     before = metrics.dice_per_label(fixed_labels.array, unregistered.array, list(after))
     return {"dice_mean_before": float(np.mean(list(before.values()))) if before else None,

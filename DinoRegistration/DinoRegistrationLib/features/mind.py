@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..intensity import robust_range
 from ..spatial import voxels_per_axis
 
 #: number of MIND-SSC channels
@@ -129,15 +130,8 @@ def robust_normalise(image: torch.Tensor, mask: torch.Tensor | None = None, low_
     """
     if not 0.0 <= low_percent < high_percent <= 100.0:
         raise InputError(f"intensity percentiles must satisfy 0 <= low < high <= 100 (got {low_percent}, {high_percent})")
-    values = image.detach().reshape(-1).float()
+    region = None
     if mask is not None and bool((mask > 0.5).any()):
-        values = values[mask.reshape(-1) > 0.5]
-    else:
-        above = values[values > values.min()]
-        values = above if above.numel() > 0 else values
-    step = max(1, values.numel() // 2_000_000)
-    sample = values[::step].cpu().numpy().astype(np.float64)
-    low, high = np.percentile(sample, [low_percent, high_percent])
-    if high <= low:
-        high = low + 1.0
+        region = (mask > 0.5).cpu().numpy()
+    low, high = robust_range(image.detach().float().cpu().numpy(), region, low_percent, high_percent)
     return ((image.float() - float(low)) / float(high - low)).clamp_(0.0, 1.0)

@@ -224,14 +224,12 @@ class DinoZeroShot(ZeroShotMethod):
 
 
 @register_method
-class DinoMind(ZeroShotMethod):
+class DinoMind(DinoZeroShot):
+    """Same availability as dino-zeroshot (the DINO model); MIND features added."""
+
     name = "dino-mind"
     summary = "DINO + MIND-SSC features concatenated (each group normalised) + ConvexAdam; needs model weights"
-    stage_weights = DINO_STAGE_WEIGHTS
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS, **DINO_DEFAULTS, "mind_weight": 0.5})
-
-    def availability(self, params: dict[str, Any] | None = None) -> Availability:
-        return dino_module_availability(str((params or self.parameters())["model"]))
 
     def features(self, pair, fixed, moving, foreground, params, problem):
         weight = float(params["mind_weight"])

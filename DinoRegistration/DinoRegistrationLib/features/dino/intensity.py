@@ -8,7 +8,10 @@ slices are made of.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from ...intensity import robust_range
 
 CT_WINDOW_HU = (-1000.0, 1000.0)  # wide enough for lung, soft tissue and bone edges
 PERCENTILES = (0.005, 0.995)
@@ -44,9 +47,9 @@ def normalise_intensity(image: torch.Tensor, mask: torch.Tensor | None = None,
     if looks_like_ct(image):
         low, high = ct_window or CT_WINDOW_HU
     else:
-        values = image[mask > 0.5] if mask is not None and bool((mask > 0.5).any()) else image
-        sample = _sample(values)
-        low, high = (float(q) for q in torch.quantile(sample, torch.tensor(PERCENTILES, device=sample.device)))
+        array = image.detach().cpu().numpy()
+        region = (mask > 0.5).cpu().numpy() if mask is not None and bool((mask > 0.5).any()) else np.ones(array.shape, bool)
+        low, high = robust_range(array, region, 100 * PERCENTILES[0], 100 * PERCENTILES[1])
     if high <= low:
         return torch.zeros_like(image)
     return ((image - low) / (high - low)).clamp_(0.0, 1.0)
