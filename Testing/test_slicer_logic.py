@@ -310,7 +310,7 @@ def test_transform_node_maps_points_like_the_engine_and_saves_as_itk(affine_run,
 
 def test_comparison_views_follow_the_toggle(affine_run):
     scene, fixed, moving, result = affine_run["scene"], affine_run["fixed"], affine_run["moving"], affine_run["result"]
-    from DinoRegistrationLib import slicer_scene
+    from DinoRegistrationSlicer import scene as slicer_scene
 
     slicer_scene.add_slice_views(scene)
     composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]

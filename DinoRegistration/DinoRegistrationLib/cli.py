@@ -55,7 +55,9 @@ def raise_cancelled(signum: int, frame: object) -> None:
 
 def report_error(message: str, json_events: bool) -> None:
     if json_events:
-        print(json.dumps({"event": "error", "message": message}), flush=True)
+        from .progress import error_event, print_event
+
+        print_event(error_event(message))
     print(f"dinoreg: error: {message}", file=sys.stderr)
 
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the methods, whether each can run here and why not")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
     methods.set_defaults(func=command_methods)
+
+    devices = sub.add_parser("devices", help="PyTorch, GPUs with free memory, and engine packages missing or too old")
+    devices.add_argument("--json", action="store_true", help="machine-readable output (used by the Slicer panel)")
+    devices.set_defaults(func=command_devices)
 
     evaluate = sub.add_parser("evaluate", help="Dice, HD95, Jacobian statistics and landmark TRE of a result")
     evaluate.add_argument("--fixed-labels", help="label map on the fixed grid")
@@ -119,6 +125,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_output: bool = True)
     parser.add_argument("--moving-mask", help="binary mask on the moving grid")
     parser.add_argument("--moving-labels", help="label map on the moving grid, warped with nearest neighbour")
     parser.add_argument("--fixed-labels", help="label map on the fixed grid: Dice before/after goes in report.json")
+    parser.add_argument("--fixed-landmarks", help="points on the fixed image (.fcsv, .mrk.json or x,y,z LPS .csv): "
+                        "landmark distances before/after go in report.json")
+    parser.add_argument("--moving-landmarks", help="the corresponding points on the moving image (same labels or order)")
     parser.add_argument("--no-inverse", action="store_true", help="do not compute inverse_transform.h5")
     parser.add_argument("--no-jacobian", action="store_true", help="do not compute jacobian.nii.gz")
     parser.add_argument("--scene", help="also write a Slicer scene bundle (.mrb); needs the slicer-core package")
@@ -186,19 +195,54 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     moving_mask = read_mask(args.moving_mask, moving, "moving mask") if args.moving_mask else None
     moving_labels = read_label_volume(args.moving_labels, moving, "moving label map") if args.moving_labels else None
     fixed_labels = read_label_volume(args.fixed_labels, fixed, "fixed label map") if args.fixed_labels else None
+    landmarks = read_landmark_pair(getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
     options = RegistrationOptions(method=args.method, preset=args.preset, params=parse_params(args.param),
                                   use_affine=not args.no_affine, device=args.device,
                                   compute_inverse=not args.no_inverse, compute_jacobian=not args.no_jacobian)
     with progress_display(args.quiet, args.progress_json) as progress:
         result = register(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels, progress)
+    if landmarks is not None:
+        result.report["landmarks"] = landmark_report(result, landmarks)
     inputs = {"fixed": str(fixed_path), "moving": str(moving_path)}
     write_outputs(result, outdir, inputs)
     if args.scene:
-        from .slicer_scene import write_scene_bundle
+        from DinoRegistrationSlicer.scene import write_scene_bundle  # Slicer side, next to the engine
 
         write_scene_bundle(outdir, Path(args.scene), fixed_path, moving_path)
     emit_done(result.report, outdir, args)
     return 0
+
+
+def read_landmark_pair(fixed_path: str | None, moving_path: str | None) -> tuple | None:
+    """((labels, points), (labels, points)) of ``--fixed-landmarks`` / ``--moving-landmarks``, read and paired
+    before the run so a bad file fails at once; None when neither is given."""
+    if not fixed_path and not moving_path:
+        return None
+    if not (fixed_path and moving_path):
+        raise InputError("landmark distances need both --fixed-landmarks and --moving-landmarks")
+    from .landmarks import pair_landmarks, read_labelled_landmarks
+
+    fixed, moving = read_labelled_landmarks(fixed_path), read_labelled_landmarks(moving_path)
+    pair_landmarks(fixed[0], moving[0])
+    return fixed, moving
+
+
+def landmark_report(result: Any, landmarks: tuple) -> dict[str, Any]:
+    """Landmark distances (mm) before and after registration: moving points mapped onto the fixed image by
+    the inverse transform (moving -> fixed), as the Slicer panel's Check section does."""
+    import numpy as np
+    import torch
+
+    from .landmarks import landmark_check
+
+    inverse = result.inverse if result.inverse is not None else result.transform.inverse()
+
+    def moving_to_fixed(points: np.ndarray) -> np.ndarray:
+        mapped = inverse.apply(torch.tensor(points, dtype=torch.float32).reshape(1, 1, -1, 3))
+        return mapped.reshape(-1, 3).double().cpu().numpy()
+
+    return landmark_check(landmarks[0], landmarks[1], moving_to_fixed,
+                          "moving points mapped to fixed by the inverse transform; LPS mm")
 
 
 def check_scene_support() -> None:
@@ -210,7 +254,9 @@ def check_scene_support() -> None:
 
 def emit_done(report: dict[str, Any], outdir: Path, args: argparse.Namespace) -> None:
     if args.progress_json:
-        print(json.dumps({"event": "done", "outdir": str(outdir)}), flush=True)
+        from .progress import done_event, print_event
+
+        print_event(done_event(outdir=str(outdir)))
     elif not args.quiet:
         before, after = report["similarity_before"]["ncc"], report["similarity_after"]["ncc"]
         print(f"{report['method']}: NCC {before:.3f} -> {after:.3f} in {report['seconds_total']:.1f} s; "
@@ -242,8 +288,9 @@ class progress_display:
 
     @staticmethod
     def print_json(stage: str, fraction: float, seconds_left: float | None) -> None:
-        print(json.dumps({"event": "progress", "stage": stage, "fraction": round(fraction, 4),
-                          "seconds_left": None if seconds_left is None else round(seconds_left, 1)}), flush=True)
+        from .progress import print_event, progress_event
+
+        print_event(progress_event(stage, fraction, seconds_left))
 
     def update_bar(self, stage: str, fraction: float, seconds_left: float | None) -> None:
         percent = round(100 * fraction)
@@ -280,6 +327,12 @@ def command_methods(args: argparse.Namespace) -> int:
         if named:
             print(f"{'':<16} presets (--preset): {', '.join(named)}")
     return 0
+
+
+def command_devices(args: argparse.Namespace) -> int:
+    from .devices import command_devices as run
+
+    return run(args)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate / apply

@@ -3,13 +3,23 @@
 The pipeline declares its stages with weights (relative expected durations); code inside a stage
 calls :meth:`Progress.update` with the fraction of that stage done, and :meth:`Progress.check`
 at safe points so a cancel request stops the run promptly by raising ``Cancelled``.
+
+The JSON event protocol (``--progress-json``) is defined here once, for the CLI that writes it and the
+Slicer module that reads it. One event per stdout line, a JSON object with an ``event`` key:
+
+- ``{"event": "progress", "stage": str, "fraction": 0..1 overall, "seconds_left": float | null}``
+- ``{"event": "done", "outdir": str}`` (or any other keys the command reports)
+- ``{"event": "error", "message": str}``: one line for the user
+
+Light on purpose: standard library only, so ``import`` costs nothing in Slicer or the CLI.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Dict, Optional
 
 from .errors import Cancelled
 
@@ -82,3 +92,44 @@ class Progress:
         elapsed = time.perf_counter() - self.start_time
         remaining = elapsed * (1.0 - fraction) / fraction if fraction > 0.02 else None
         self.callback(self.stage_name, fraction, remaining)
+
+
+# ---------------------------------------------------------------------------------------------- JSON protocol
+
+PROGRESS, DONE, ERROR = "progress", "done", "error"
+
+
+def progress_event(stage: str, fraction: float, seconds_left: Optional[float]) -> Dict[str, Any]:
+    """A progress event: ``fraction`` of the whole command done (clamped to 0..1), time left in seconds."""
+    return {"event": PROGRESS, "stage": str(stage), "fraction": round(min(max(float(fraction), 0.0), 1.0), 4),
+            "seconds_left": None if seconds_left is None else round(float(seconds_left), 1)}
+
+
+def done_event(**fields: Any) -> Dict[str, Any]:
+    return {"event": DONE, **fields}
+
+
+def error_event(message: str) -> Dict[str, Any]:
+    return {"event": ERROR, "message": str(message)}
+
+
+def format_event(event: Dict[str, Any]) -> str:
+    """The event as one line of JSON (no newline inside)."""
+    return json.dumps(event, default=str)
+
+
+def print_event(event: Dict[str, Any]) -> None:
+    """Write one event line on stdout and flush it (the reader polls line by line)."""
+    print(format_event(event), flush=True)
+
+
+def parse_event(line: str) -> Optional[Dict[str, Any]]:
+    """The event on one line of output, or None for any other line."""
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None

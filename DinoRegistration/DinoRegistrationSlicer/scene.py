@@ -20,13 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .output_files import OUTPUT_FILES
-from .errors import InputError
+from DinoRegistrationLib.errors import InputError
+from DinoRegistrationLib.output_files import OUTPUT_FILES
 
 HEAT_COLOR_NAME = "DinoRegistration heat"
 JACOBIAN_COLOR_NAME = "DinoRegistration Jacobian"
 #: Jacobian determinant shown from JACOBIAN_RANGE[0] to JACOBIAN_RANGE[1]; J <= 0 (folding) is bright red
 JACOBIAN_RANGE = (-1.0, 3.0)
+#: Jacobian values drawn transparent (little volume change: the fixed image shows through)
+JACOBIAN_TRANSPARENT = (0.9, 1.1)
+#: heat table entries below this fraction of the colour range are transparent
+HEAT_TRANSPARENT_BELOW = 0.05
 SLICE_VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
 
 
@@ -77,12 +81,17 @@ def new_scene(slicer: Any) -> Any:
     return scene
 
 
-def register_node_class(scene: Any, class_name: str) -> None:
-    """Make ``scene`` able to create (and read back) nodes of ``class_name`` if Slicer has it."""
+def register_node_class(scene: Any, class_name: str) -> bool:
+    """Make ``scene`` able to create (and read back) nodes of ``class_name`` if Slicer has it; True if it can.
+
+    ``IsNodeClassRegistered`` asks without creating anything: ``CreateNodeByClass`` is a factory whose
+    result the caller owns, and from Python it would leak one node per call.
+    """
     import slicer
 
-    if scene.CreateNodeByClass(class_name) is None and hasattr(slicer, class_name):
+    if not scene.IsNodeClassRegistered(class_name) and hasattr(slicer, class_name):
         scene.RegisterNodeClass(getattr(slicer, class_name)())
+    return bool(scene.IsNodeClassRegistered(class_name))
 
 
 def volume_name(path: str | os.PathLike) -> str:
@@ -105,7 +114,7 @@ def readable_copies(paths: list[Path]) -> Iterator[list[Path]]:
             if path.is_file() and not path.name.lower().endswith((".mgz", ".mgh")):
                 readable.append(path)
                 continue
-            from .io import read_volume, write_volume
+            from DinoRegistrationLib.io import read_volume, write_volume
 
             folder = folder or Path(tempfile.mkdtemp(prefix="dinoreg-scene-"))
             copy = folder / f"{volume_name(path)}.nrrd"
@@ -277,24 +286,34 @@ def copy_window_level(source: Any, target: Any) -> None:
 # ---------------------------------------------------------------------------------------------- colours
 
 def heat_color_node(scene: Any) -> Any:
-    """Black-red-yellow-white table; low values transparent so the fixed image shows through."""
+    """Black-red-yellow-white table; the lowest values transparent so the fixed image shows through.
+
+    Alpha is 0 or 1 only: slice views treat colour-table alpha as on/off (any alpha > 0 is drawn
+    opaque: the display pipeline ANDs it with the threshold mask, Slicer v5.6.0
+    Libs/MRML/Core/vtkMRMLScalarVolumeDisplayNode.cxx:94-99); the layer's opacity does the blending.
+    """
     def rgba(t: float) -> tuple[float, float, float, float]:
-        return min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2)), min(1.0, 4 * t)
+        alpha = 0.0 if t < HEAT_TRANSPARENT_BELOW else 1.0
+        return min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2)), alpha
 
     return color_table(scene, HEAT_COLOR_NAME, [rgba(i / 255) for i in range(256)])
 
 
 def jacobian_color_node(scene: Any) -> Any:
     """Jacobian determinant colours over ``JACOBIAN_RANGE``: folding (J <= 0) bright red, compression
-    blue, J = 1 transparent, expansion orange."""
+    blue, expansion orange, deeper with the change; the band ``JACOBIAN_TRANSPARENT`` around J = 1 is
+    transparent. Alpha is 0 or 1 only (see :func:`heat_color_node`)."""
     low, high = JACOBIAN_RANGE
+    band_low, band_high = JACOBIAN_TRANSPARENT
 
     def rgba(j: float) -> tuple[float, float, float, float]:
         if j <= 0:
             return 1.0, 0.0, 0.0, 1.0
+        if band_low <= j <= band_high:
+            return 1.0, 1.0, 1.0, 0.0
         if j < 1:
-            return 0.1, 0.3 + 0.7 * j, 1.0, min(1.0, 1.6 * (1 - j))
-        return 1.0, 0.6, 0.1, min(1.0, 0.8 * (j - 1))
+            return 0.1, 0.3 + 0.7 * j, 1.0, 1.0
+        return 1.0, max(0.3, 0.9 - 0.3 * (j - 1)), 0.1, 1.0
 
     return color_table(scene, JACOBIAN_COLOR_NAME, [rgba(low + (high - low) * i / 255) for i in range(256)])
 
@@ -342,8 +361,7 @@ def style_jacobian(scene: Any, node: Any) -> None:
 
 def add_color_legend(scene: Any, node: Any, title: str) -> Any | None:
     """Colour legend for ``node`` in the slice views (skipped where Slicer lacks legends)."""
-    register_node_class(scene, "vtkMRMLColorLegendDisplayNode")
-    if scene.CreateNodeByClass("vtkMRMLColorLegendDisplayNode") is None:
+    if not register_node_class(scene, "vtkMRMLColorLegendDisplayNode"):
         return None
     legend = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode")
     legend.SetName(scene.GenerateUniqueName(f"{node.GetName()} legend"))
@@ -384,7 +402,8 @@ def add_slice_views(scene: Any) -> None:
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)  # into the scene's default slice node
     for layout_name, orientation in SLICE_VIEWS:
         if scene.GetSingletonNode(layout_name, "vtkMRMLSliceNode") is None:
-            slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+            slice_node = scene.CreateNodeByClass("vtkMRMLSliceNode")  # from the default node: orientation presets
+            slice_node.UnRegister(None)  # the factory's reference; Python owns the node now (Slicer's own pattern)
             slice_node.SetSingletonTag(layout_name)
             slice_node.SetLayoutName(layout_name)
             slice_node.SetName(layout_name)
@@ -392,6 +411,7 @@ def add_slice_views(scene: Any) -> None:
             scene.AddNode(slice_node)
         if scene.GetSingletonNode(layout_name, "vtkMRMLSliceCompositeNode") is None:
             composite = scene.CreateNodeByClass("vtkMRMLSliceCompositeNode")
+            composite.UnRegister(None)
             composite.SetSingletonTag(layout_name)
             composite.SetLayoutName(layout_name)
             composite.SetName(f"{layout_name} composite")

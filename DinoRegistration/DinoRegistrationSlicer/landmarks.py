@@ -1,0 +1,73 @@
+"""The Check section: distances between points placed on the fixed and on the moving image, before and
+after registration, from two markups point lists and the registration's transform node.
+
+Points are read in world RAS mm. The transform node holds FIXED -> MOVING as "FromParent"; moving points
+are mapped onto the fixed image by its "ToParent" transform (moving -> fixed, the inverse, computed by
+Slicer). Pairing and the summary are the engine's (``DinoRegistrationLib.landmarks``), so the panel
+and ``dinoreg register --fixed-landmarks/--moving-landmarks`` report the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .job import RegistrationError
+
+POSITION_DEFINED = 2  # vtkMRMLMarkupsNode::PositionDefined (Slicer 5.x)
+
+
+def markupsPoints(node: Any, local: bool = False) -> Tuple[List[str], np.ndarray]:
+    """(labels, (N, 3) RAS mm) of the placed control points of a markups node: world coordinates, or the
+    node's own coordinates (before its parent transform) with ``local=True``."""
+    labels, points = [], []
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) != POSITION_DEFINED:
+            continue  # being placed, or skipped: no position yet
+        position = [0.0, 0.0, 0.0]
+        if local:
+            node.GetNthControlPointPosition(index, position)
+        else:
+            node.GetNthControlPointPositionWorld(index, position)
+        labels.append(node.GetNthControlPointLabel(index))
+        points.append(position)
+    return labels, np.array(points, dtype=np.float64).reshape(-1, 3)
+
+
+def checkLandmarks(fixedPoints: Any, movingPoints: Any, transform: Any) -> Dict[str, Any]:
+    """Distances (mm) per point pair and on average, before and after registration; the worst pairs first
+    in ``worst``. See ``DinoRegistrationLib.landmarks.landmark_summary`` for the keys.
+
+    ``transform``: the registration's transform node (moving to fixed). Points on the moving image are
+    taken where they were placed: if their list was put under ``transform`` to see them follow the warp,
+    their own (untransformed) coordinates are used.
+    """
+    from DinoRegistrationLib.errors import InputError
+    from DinoRegistrationLib.landmarks import landmark_check
+
+    if fixedPoints is None or movingPoints is None:
+        raise RegistrationError("Select the points placed on the fixed image and those placed on the moving image.")
+    if transform is None or transform.GetTransformToParent() is None:
+        raise RegistrationError("Register first (or select the registration's transform) to check landmarks.")
+    fixed = markupsPoints(fixedPoints)
+    moving = markupsPoints(movingPoints, local=movingPoints.GetParentTransformNode() is transform)
+    toFixed = transform.GetTransformToParent()  # moving -> fixed
+
+    def movingToFixed(points: np.ndarray) -> np.ndarray:
+        return np.array([toFixed.TransformPoint(*point) for point in points], dtype=np.float64).reshape(-1, 3)
+
+    try:
+        return landmark_check(fixed, moving, movingToFixed, "moving points mapped to fixed by the inverse transform; RAS mm")
+    except InputError as error:
+        raise RegistrationError(str(error)) from None
+
+
+def formatLandmarkSummary(summary: Dict[str, Any]) -> str:
+    """One line for the status: 'Landmarks (5, by label): 6.2 mm -> 1.4 mm on average, worst 3.1 mm (P3).'"""
+    worst = summary["points"][summary["worst"][0]] if summary.get("worst") else None
+    text = (f"Landmarks ({summary['count']}, by {summary['matched_by']}): {summary['mean_before_mm']:.1f} mm -> "
+            f"{summary['mean_after_mm']:.1f} mm on average")
+    if worst is not None:
+        text += f", worst {worst['after_mm']:.1f} mm ({worst['label']})"
+    return text + "."
