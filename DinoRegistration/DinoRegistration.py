@@ -736,10 +736,10 @@ class DinoRegistrationTest(ScriptedLoadableModuleTest):
     build machines have no PyTorch)."""
 
     def setUp(self) -> None:
+        self.skipIfEngineMissing()
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        self.skipIfEngineMissing()
         self.setUp()
         self.test_AffineRegistration()
         self.setUp()

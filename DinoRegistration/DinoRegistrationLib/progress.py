@@ -7,7 +7,7 @@ at safe points so a cancel request stops the run promptly by raising ``Cancelled
 The JSON event protocol (``--progress-json``) is defined here once, for the CLI that writes it and the
 Slicer module that reads it. One event per stdout line, a JSON object with an ``event`` key:
 
-- ``{"event": "progress", "stage": str, "fraction": 0..1 overall, "seconds_left": float | null}``
+- ``{"event": "progress", "stage": str, "fraction": 0..1 overall | null, "seconds_left": float | null}``
 - ``{"event": "done", "outdir": str}`` (or any other keys the command reports)
 - ``{"event": "error", "message": str}``: one line for the user
 
@@ -99,9 +99,11 @@ class Progress:
 PROGRESS, DONE, ERROR = "progress", "done", "error"
 
 
-def progress_event(stage: str, fraction: float, seconds_left: Optional[float]) -> Dict[str, Any]:
-    """A progress event: ``fraction`` of the whole command done (clamped to 0..1), time left in seconds."""
-    return {"event": PROGRESS, "stage": str(stage), "fraction": round(min(max(float(fraction), 0.0), 1.0), 4),
+def progress_event(stage: str, fraction: Optional[float], seconds_left: Optional[float]) -> Dict[str, Any]:
+    """A progress event: ``fraction`` of the whole command done (clamped to 0..1; None when unknown, e.g. a
+    download of unknown size), time left in seconds (None when unknown)."""
+    return {"event": PROGRESS, "stage": str(stage),
+            "fraction": None if fraction is None else round(min(max(float(fraction), 0.0), 1.0), 4),
             "seconds_left": None if seconds_left is None else round(float(seconds_left), 1)}
 
 

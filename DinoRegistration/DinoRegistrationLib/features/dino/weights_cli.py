@@ -8,8 +8,12 @@ sets ``func`` to a handler ``handler(args) -> int`` (0 = success, 1 = a check fa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
 
 from ...errors import InputError
 from .registry import default_model_name, known_models
@@ -33,6 +37,8 @@ def add_weights_subcommand(subparsers: "argparse._SubParsersAction") -> None:
                           help=f"registry name or Hugging Face hub id (default {default_model_name()})")
     download.add_argument("--source", choices=("hub", "meta"), default="hub",
                           help="hub: Hugging Face (default); meta: Meta's original .pth, converted once")
+    download.add_argument("--progress-json", action="store_true",
+                          help="progress as JSON lines on stdout (the Slicer panel's progress bar)")
     download.set_defaults(func=_guarded(download_handler))
 
     verify = actions.add_parser("verify", help="load models and run a tiny forward pass")
@@ -51,6 +57,10 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         try:
             return handler(args)
         except InputError as error:
+            if getattr(args, "progress_json", False):
+                from ...progress import error_event, print_event
+
+                print_event(error_event(str(error)))
             print(f"error: {error}", file=sys.stderr)
             return 2
 
@@ -76,13 +86,83 @@ def list_handler(args: argparse.Namespace) -> int:
 
 
 def download_handler(args: argparse.Namespace) -> int:
-    """Download one model (hub or Meta source) and say where it is."""
+    """Download one model (hub or Meta source) and say where it is; with ``--progress-json``, JSON progress
+    events (bytes arrived in the caches against the registry's size) instead of the text lines."""
     print(f"downloading {args.name} from {'Meta' if args.source == 'meta' else 'the Hugging Face hub'} ...",
           file=sys.stderr)
-    folder = download_model(args.name, source=args.source)
-    print(f"{args.name}: installed in {folder}")
-    print(f"check it with: dinoreg weights verify {args.name}")
+    if not getattr(args, "progress_json", False):
+        folder = download_model(args.name, source=args.source)
+        print(f"{args.name}: installed in {folder}")
+        print(f"check it with: dinoreg weights verify {args.name}")
+        return 0
+    from ...progress import done_event, print_event
+    from .registry import find_model
+
+    entry = find_model(args.name)
+    total = entry.size_mb * 2**20 if entry is not None and entry.size_mb else None
+    with DownloadWatcher([hf_cache_dir(), dino_cache_dir()], total, f"downloading {args.name}"):
+        folder = download_model(args.name, source=args.source)
+    print_event(done_event(name=args.name, path=str(folder)))
     return 0
+
+
+class DownloadWatcher:
+    """Context manager printing JSON progress events every ``interval`` seconds while a download runs.
+
+    Progress is the growth of the bytes stored under ``folders`` (the downloaders write there), against
+    ``total_bytes`` when known (the fraction is None otherwise, and the panel shows a busy bar). Watching
+    the folders works for every downloader (Hugging Face hub, torch.hub) without hooking into them.
+    """
+
+    def __init__(self, folders: Iterable[Path], total_bytes: Optional[float], stage: str, interval: float = 0.5,
+                 emit: Optional[Callable[[dict], None]] = None) -> None:
+        from ...progress import print_event
+
+        self.folders, self.total, self.stage, self.interval = [Path(f) for f in folders], total_bytes, stage, interval
+        self.emit = emit or print_event
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "DownloadWatcher":
+        self.start_bytes, self.start_time = self.stored_bytes(), time.monotonic()
+        self.report()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if exc[0] is None:
+            from ...progress import progress_event
+
+            self.emit(progress_event(self.stage, 1.0, 0.0))
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for folder in self.folders:
+            for root, _, files in os.walk(folder):
+                for name in files:
+                    try:
+                        total += os.lstat(os.path.join(root, name)).st_size
+                    except OSError:
+                        pass  # a file renamed or removed by the downloader meanwhile
+        return total
+
+    def report(self) -> None:
+        from ...progress import progress_event
+
+        arrived = max(0, self.stored_bytes() - self.start_bytes)
+        if not self.total:
+            self.emit(progress_event(f"{self.stage} ({arrived / 2**20:.0f} MB)", None, None))
+            return
+        fraction = min(arrived / self.total, 0.99)
+        elapsed = time.monotonic() - self.start_time
+        left = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        self.emit(progress_event(self.stage, fraction, left))
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.report()
 
 
 def verify_handler(args: argparse.Namespace) -> int:
