@@ -139,7 +139,6 @@ def affine_registration(fixed: Volume, moving: Volume, progress: Progress, setti
     rigid = run_stage(fixed_image, moving_image, rigid, settings.rigid_iterations, settings, masks, progress, (0.0, 0.5))
     if rigid_only:
         return Transform([sitk_part_to_step(rigid)])
-    rigid = rigid.Downcast() if hasattr(rigid, "Downcast") else rigid  # TEMP-LOCAL
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
