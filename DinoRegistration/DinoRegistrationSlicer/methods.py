@@ -101,7 +101,7 @@ def presetItems(method: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
     """(label, preset name) of the Preset list: the common presets first (all of them for Automatic), then
     the method's own (e.g. a learned model's 'io'); 'default' is not offered, it duplicates Brain MR."""
     if method is None:
-        return list(PRESETS)
+        return [(text, name) for name, text in PRESETS]
     own = [p for p in method.get("presets", []) if p != "default"]
     items = [(text, name) for name, text in PRESETS if name in own]
     items += [(name.replace("-", " ").capitalize() if len(name) > 3 else name.upper(), name)
