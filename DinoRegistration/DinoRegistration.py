@@ -204,6 +204,8 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.featureModelComboBox.setCurrentText(p.featureModel or "method default")
             if p.outputDirectory and self.ui.outputDirectoryButton.directory != p.outputDirectory:
                 self.ui.outputDirectoryButton.directory = p.outputDirectory
+            # shown instead of the button's default (current) folder until one is chosen: no silent home folder
+            self.ui.outputDirectoryButton.text = p.outputDirectory or "Choose a folder..."
             self.ui.viewModeComboBox.setCurrentIndex(VIEW_MODES.index(p.viewMode) if p.viewMode in VIEW_MODES else 0)
             hasResult = bool(p.resultWarped and p.resultFixed)
             self.ui.resultsCollapsibleButton.enabled = hasResult
