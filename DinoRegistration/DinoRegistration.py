@@ -400,8 +400,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             betterMissing = next((m for m in methodList.shownMethods(self.methods)
                                   if not m.get("available", True) and methodList.needsWeights(m)), None)
             if betterMissing is not None and self.weightsProcess is None:
-                info.text = f"{methodList.shortReason(betterMissing)}: Download for better accuracy."
-                info.toolTip = str(betterMissing.get("reason", ""))
+                info.text = f"{methodList.shortReason(betterMissing)}."
+                info.toolTip = (f"Download them to run {methodList.label(betterMissing)}, which is more accurate.\n\n"
+                                f"{betterMissing.get('reason', '')}")
                 download.visible = True
         for setting, widget in (("featureModel", self.ui.featureModelComboBox),
                                 ("regularisation", self.ui.regularisationSpinBox),

@@ -54,7 +54,7 @@ def test_method_list_today_plain_labels_by_recommendation_baselines_hidden():
     assert items[0]["text"].endswith("(unavailable)") and "weights download" in items[0]["toolTip"]
     assert items[2]["text"] == "MIND features (no model needed)"
     label = method_list.automaticLabel(TODAY)
-    assert label.startswith("Automatic: mind-zeroshot (") and "not downloaded" in label and "\n" not in label
+    assert label == "Automatic: mind-zeroshot (DINO weights not downloaded yet)"
     assert len(method_list.shortReason(TODAY[1])) < 80  # one line instead of six lines of cache paths
     assert method_list.needsWeights(TODAY[1]) and method_list.weightsName(TODAY[1]) == "dinov2_vits14_reg"
 

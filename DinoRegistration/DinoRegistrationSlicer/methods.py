@@ -58,9 +58,8 @@ def shortReason(method: Dict[str, Any]) -> str:
         size = weights.get("size_mb")
         return f"{label(method)} weights{f' ({size:.0f} MB)' if isinstance(size, (int, float)) else ''} not downloaded yet"
     reason = str(method.get("reason") or "").strip()
-    if "not downloaded" in reason:
-        model = reason.split(" is not downloaded")[0].replace("DINO model ", "").strip()
-        return f"DINO weights ({model.split('/')[-1]}) not downloaded yet"
+    if "not downloaded" in reason:  # today's engine: 'DINO model X is not downloaded: looked in ...'
+        return "DINO weights not downloaded yet"
     first = reason.split(":")[0].split(". ")[0].strip()
     return first[:90] or "cannot run here"
 
@@ -74,7 +73,7 @@ def needsWeights(method: Dict[str, Any]) -> bool:
 
 def automaticLabel(methods: List[Dict[str, Any]]) -> str:
     """'Automatic: <method that will run> (<why not a better one>)', e.g.
-    'Automatic: mind-zeroshot (DINO weights (dinov2-with-registers-small) not downloaded yet)'."""
+    'Automatic: mind-zeroshot (DINO weights not downloaded yet)'."""
     ranked = shownMethods(methods)
     chosen = next((m for m in ranked if m.get("available", True)), None)
     if chosen is None:
