@@ -17,7 +17,8 @@ import vtk
 
 import slicer
 from DinoRegistrationSlicer import methods as methodList
-from DinoRegistrationSlicer.install import installPackages, missingSummary
+from DinoRegistrationSlicer.install import installPackages as installEnginePackages
+from DinoRegistrationSlicer.install import missingSummary
 from DinoRegistrationSlicer.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
 from DinoRegistrationSlicer.landmarks import formatLandmarkSummary
 from DinoRegistrationSlicer.logic import DinoRegistrationLogic, demoFiles
@@ -465,7 +466,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         dialog = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
         try:
             slicer.app.processEvents()
-            installPackages(self.environment or {})
+            installEnginePackages(self.environment or {})
         except Exception as error:
             logging.exception("DinoRegistration: installing packages failed")
             self.setStatus(f"Installing Python packages failed: {error}", error=True)

@@ -90,8 +90,10 @@ def test_requirement_versions_are_checked():
     assert requirements.is_at_least("2.13.0+cpu", "2.1") and requirements.is_at_least("5.0.0rc1", "5")
     assert not requirements.is_at_least("4.47.1", "5") and requirements.is_at_least("1.3", None)
     versions = {"transformers": "4.47.0", "torch": None}
-    report = requirements.check_requirements(lambda name: versions.get(name, "99"))
+    report = requirements.check_requirements(lambda name: versions.get(name, "99"), lambda name: False)
     assert report["missing"] == ["torch"] and report["outdated"] == ["transformers 4.47.0 (needs >=5)"]
+    built_in = requirements.check_requirements(lambda name: None if name == "SimpleITK" else "99", lambda name: True)
+    assert built_in["missing"] == [] and built_in["install"] == []  # e.g. Slicer's own SimpleITK, no metadata
     assert set(report["install"]) == {"torch>=2.1", "transformers>=5"}
     from DinoRegistrationSlicer.install import missingSummary, needsTorch, pipRequirements
 
@@ -129,8 +131,8 @@ def test_self_test_skips_with_the_reason_where_the_engine_is_missing(monkeypatch
         pytest.skip("the 'slicer' package is not slicer-core")
     import DinoRegistration
 
-    monkeypatch.setattr(requirements, "installed_version", lambda name: None if name == "torch" else "99")
-    monkeypatch.setattr(requirements.check_requirements, "__defaults__", (requirements.installed_version,))
+    monkeypatch.setattr(requirements.check_requirements, "__defaults__",
+                        (lambda name: None if name == "torch" else "99", lambda name: name != "torch"))
     result = unittest.TextTestRunner(stream=open("/dev/null", "w") if sys.platform != "win32" else None).run(
         unittest.TestLoader().loadTestsFromTestCase(DinoRegistration.DinoRegistrationTest))
     assert result.wasSuccessful() and result.testsRun == len(result.skipped) == 3

@@ -70,14 +70,30 @@ def installed_version(import_name: str) -> Optional[str]:
     return None
 
 
-def check_requirements(version_of: Callable[[str], Optional[str]] = installed_version) -> Dict[str, List[str]]:
+def importable(import_name: str) -> bool:
+    """True if ``import_name`` can be imported here (without importing it)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(import_name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_requirements(version_of: Callable[[str], Optional[str]] = installed_version,
+                       can_import: Callable[[str], bool] = importable) -> Dict[str, List[str]]:
     """``{"missing": [import names], "outdated": ["name 4.1 (needs >=5)", ...], "install": [pip requirements]}``
-    for this Python; ``install`` lists what pip (or PyTorch Utils, for torch) must install."""
+    for this Python; ``install`` lists what pip (or PyTorch Utils, for torch) must install.
+
+    A package importable without installation metadata (e.g. one built into Slicer) counts as present:
+    its version cannot be checked."""
     missing, outdated, install = [], [], []
     for name, requirement in ENGINE_REQUIREMENTS.items():
         version = version_of(name)
         minimum = split_requirement(requirement)[1]
         if version is None:
+            if can_import(name):
+                continue
             missing.append(name)
             install.append(requirement)
         elif not is_at_least(version, minimum):
