@@ -441,7 +441,7 @@ def resampleInWorld(labelmap: Any, image: Any) -> Any:
     Written here because Slicer's ``vtkSlicerVolumesLogic::ResampleVolumeToReferenceVolume`` maps through the
     input's parent transform and back through the input's (not the reference's) inverse, so masks under a
     parent transform other than their image's land in the wrong place (Slicer v5.6.0
-    Modules/Loadable/Volumes/Logic/vtkSlicerVolumesLogic.cxx:1508-1522).
+    Modules/Loadable/Volumes/Logic/vtkSlicerVolumesLogic.cxx:1510-1521).
     """
     imageToLabel = vtk.vtkMatrix4x4()  # image IJK -> world -> label IJK
     worldToLabel = vtk.vtkMatrix4x4()

@@ -4,8 +4,9 @@ The declarations below are checked by ``Testing/test_slicer_declarations.py`` ag
 Slicer's parameter-node GUI connectors for the widget each field is bound to in the ``.ui`` file
 (``SlicerParameterName``): a number bound to a slider or spin box must be bounded (``WithinRange``),
 else ``connectGui`` raises for sliders (Slicer v5.6.0
-Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:318-319) and sets +/- infinity ranges for spin
-boxes (:321-330); combo boxes need an enum or a ``Choice``; node selectors take node types.
+Base/Python/slicer/parameterNodeWrapper/guiConnectors.py:316-319) and sets the ranges of spin boxes
+to +/- infinity (:326-332) or to the int32 range (:258-267); combo boxes need an enum or a
+``Choice``; node selectors take node types.
 
 Outside Slicer (tests with slicer-core) ``parameterNodeWrapper`` does not exist: the class stays a plain
 declaration and ``WithinRange`` is a stand-in with the same fields.
