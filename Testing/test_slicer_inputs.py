@@ -179,3 +179,17 @@ def test_run_folders_are_new_and_need_a_chosen_folder(tmp_path):
     assert Path(runFolder(str(tmp_path), "MR/brain: 2", now)).name == "MR_brain_ 2 2026-11-30 081500 2"
     with pytest.raises(RegistrationError, match="Choose a folder"):
         runFolder("", "moving")
+
+
+def test_an_engine_refusal_is_one_line_and_leaves_the_scene_and_files_unchanged(logic):
+    """A blank moving volume (no structure to align) is refused by the engine: one line, nothing added."""
+    scene = new_scene()
+    fixed, moving = add_pair(scene)
+    slicer.util.arrayFromVolume(moving)[:] = 7.0
+    slicer.util.arrayFromVolumeModified(moving)
+    ids, dirs, before = node_ids(scene), temp_dirs(), snapshot(moving)
+    with pytest.raises(RegistrationError) as error:
+        logic.register(fixed, moving, RegistrationOptions(method="affine", **FAST), timeout=300)
+    assert str(error.value) and "\n" not in str(error.value) and error.value.details
+    assert node_ids(scene) == ids and temp_dirs() == dirs
+    assert_unchanged(moving, before)
