@@ -60,7 +60,7 @@ def test_weights_download_speaks_the_protocol_and_fails_in_one_line():
 
 
 def test_download_watcher_reports_bytes_arriving(tmp_path):
-    from DinoRegistrationLib.features.dino.weights_cli import DownloadWatcher
+    from DinoRegistrationLib.progress import DownloadWatcher
 
     events = []
     with DownloadWatcher([tmp_path], total_bytes=4000, stage="downloading x", interval=0.05, emit=events.append):

@@ -12,14 +12,17 @@ Slicer module that reads it. One event per stdout line, a JSON object with an ``
 - ``{"event": "error", "message": str}``: one line for the user
 
 Light on purpose: standard library only, so ``import`` costs nothing in Slicer or the CLI.
+:class:`DownloadWatcher` reports a download's progress in the same protocol.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from .errors import Cancelled
 
@@ -135,3 +138,59 @@ def parse_event(line: str) -> Optional[Dict[str, Any]]:
     except ValueError:
         return None
     return event if isinstance(event, dict) and "event" in event else None
+
+
+# ---------------------------------------------------------------------------------------------- downloads
+
+class DownloadWatcher:
+    """Context manager printing JSON progress events every ``interval`` seconds while a download runs
+    (``dinoreg weights download --progress-json``; any other download can use it the same way).
+
+    Progress is the growth of the bytes stored under ``folders`` (the downloaders write there), against
+    ``total_bytes`` when known (the fraction is None otherwise, and the panel shows a busy bar). Watching
+    the folders works for every downloader (Hugging Face hub, torch.hub) without hooking into them.
+    """
+
+    def __init__(self, folders: Iterable[Path], total_bytes: Optional[float], stage: str, interval: float = 0.5,
+                 emit: Optional[Callable[[dict], None]] = None) -> None:
+        self.folders, self.total, self.stage, self.interval = [Path(f) for f in folders], total_bytes, stage, interval
+        self.emit = emit or print_event
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "DownloadWatcher":
+        self.start_bytes, self.start_time = self.stored_bytes(), time.monotonic()
+        self.report()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+        if exc[0] is None:
+            self.emit(progress_event(self.stage, 1.0, 0.0))
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for folder in self.folders:
+            for root, _, files in os.walk(folder):
+                for name in files:
+                    try:
+                        total += os.lstat(os.path.join(root, name)).st_size
+                    except OSError:
+                        pass  # a file renamed or removed by the downloader meanwhile
+        return total
+
+    def report(self) -> None:
+        arrived = max(0, self.stored_bytes() - self.start_bytes)
+        if not self.total:
+            self.emit(progress_event(f"{self.stage} ({arrived / 2**20:.0f} MB)", None, None))
+            return
+        fraction = min(arrived / self.total, 0.99)
+        elapsed = time.monotonic() - self.start_time
+        left = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        self.emit(progress_event(self.stage, fraction, left))
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.report()

@@ -8,12 +8,8 @@ sets ``func`` to a handler ``handler(args) -> int`` (0 = success, 1 = a check fa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
-import time
-from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 from ...errors import InputError
 from .registry import default_model_name, known_models
@@ -95,7 +91,7 @@ def download_handler(args: argparse.Namespace) -> int:
         print(f"{args.name}: installed in {folder}")
         print(f"check it with: dinoreg weights verify {args.name}")
         return 0
-    from ...progress import done_event, print_event
+    from ...progress import DownloadWatcher, done_event, print_event
     from .registry import find_model
 
     entry = find_model(args.name)
@@ -104,65 +100,6 @@ def download_handler(args: argparse.Namespace) -> int:
         folder = download_model(args.name, source=args.source)
     print_event(done_event(name=args.name, path=str(folder)))
     return 0
-
-
-class DownloadWatcher:
-    """Context manager printing JSON progress events every ``interval`` seconds while a download runs.
-
-    Progress is the growth of the bytes stored under ``folders`` (the downloaders write there), against
-    ``total_bytes`` when known (the fraction is None otherwise, and the panel shows a busy bar). Watching
-    the folders works for every downloader (Hugging Face hub, torch.hub) without hooking into them.
-    """
-
-    def __init__(self, folders: Iterable[Path], total_bytes: Optional[float], stage: str, interval: float = 0.5,
-                 emit: Optional[Callable[[dict], None]] = None) -> None:
-        from ...progress import print_event
-
-        self.folders, self.total, self.stage, self.interval = [Path(f) for f in folders], total_bytes, stage, interval
-        self.emit = emit or print_event
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> "DownloadWatcher":
-        self.start_bytes, self.start_time = self.stored_bytes(), time.monotonic()
-        self.report()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join()
-        if exc[0] is None:
-            from ...progress import progress_event
-
-            self.emit(progress_event(self.stage, 1.0, 0.0))
-
-    def stored_bytes(self) -> int:
-        total = 0
-        for folder in self.folders:
-            for root, _, files in os.walk(folder):
-                for name in files:
-                    try:
-                        total += os.lstat(os.path.join(root, name)).st_size
-                    except OSError:
-                        pass  # a file renamed or removed by the downloader meanwhile
-        return total
-
-    def report(self) -> None:
-        from ...progress import progress_event
-
-        arrived = max(0, self.stored_bytes() - self.start_bytes)
-        if not self.total:
-            self.emit(progress_event(f"{self.stage} ({arrived / 2**20:.0f} MB)", None, None))
-            return
-        fraction = min(arrived / self.total, 0.99)
-        elapsed = time.monotonic() - self.start_time
-        left = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
-        self.emit(progress_event(self.stage, fraction, left))
-
-    def _watch(self) -> None:
-        while not self.stopped.wait(self.interval):
-            self.report()
 
 
 def verify_handler(args: argparse.Namespace) -> int:
