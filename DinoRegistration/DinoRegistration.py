@@ -29,17 +29,32 @@ try:  # inside 3D Slicer
     from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
                                                ScriptedLoadableModuleWidget)
     from slicer.util import VTKObservationMixin
-except ImportError:  # headless (slicer-core): only the Logic (in DinoRegistrationSlicer) is usable
+except ImportError:  # headless (slicer-core): the Logic is usable; the Widget only with stand-in widgets (tests)
     ScriptedLoadableModuleTest = unittest.TestCase
 
     class ScriptedLoadableModule:  # type: ignore[no-redef]
-        pass
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
 
     class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
-        pass
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
+
+        def setup(self) -> None:
+            pass
 
     class VTKObservationMixin:  # type: ignore[no-redef]
-        pass
+        def __init__(self) -> None:
+            pass
+
+        def addObserver(self, *args: Any) -> None:
+            pass
+
+        def removeObserver(self, *args: Any) -> None:
+            pass
+
+        def removeObservers(self, *args: Any) -> None:
+            pass
 
 VIEW_MODES = ("fade", "difference", "jacobian")  # order of the Compare > Show combo box
 TIMER_MILLISECONDS = 200
