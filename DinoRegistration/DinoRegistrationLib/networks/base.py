@@ -34,8 +34,8 @@ class RegistrationNetwork(nn.Module):
         raise NotImplementedError
 
     def feature_identity(self) -> dict[str, Any]:
-        """The frozen feature extractor this network depends on (for the model card)."""
-        return {"kind": "none"}
+        """The frozen feature extractor this network depends on (for the model card); plain intensities by default."""
+        return {"kind": "intensity", "channels": 1}
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
