@@ -67,3 +67,17 @@ def test_fmir_channel_subset_while_training_and_stored_basis_at_inference(dino_f
         first, second = network(images, images.flip(2)), network(images, images.flip(2))
     torch.testing.assert_close(first, second)  # inference is deterministic: no per-pair refit, no random subset
 
+
+
+def test_cpu_convolution_fast_path_equals_torch():
+    from DinoRegistrationLib.networks.blocks import Conv3d
+
+    torch.manual_seed(0)
+    for stride, in_channels in ((1, 8), (2, 2)):
+        fast = Conv3d(in_channels, 3, 3, stride=stride, padding=1)
+        reference = torch.nn.Conv3d(in_channels, 3, 3, stride=stride, padding=1)
+        reference.load_state_dict(fast.state_dict())
+        x = torch.rand((1, in_channels, 10, 12, 14), requires_grad=True)
+        torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
+        fast(x).sum().backward()
+        assert fast.weight.grad is not None and x.grad is not None
