@@ -249,3 +249,50 @@ def test_methods_json_lists_learned_methods_with_weight_status(models_folder, mo
     # a model that disappeared is no longer a method
     assert main(["methods", "--json"]) == 0
     assert "tiny-local" not in {row["name"] for row in json.loads(capsys.readouterr().out)}
+
+
+def test_shipped_and_downloaded_models(models_folder, monkeypatch, tmp_path, capsys):
+    """A shipped model (files next to the registry) is a method with no download; a downloadable one is
+    fetched, checked against its SHA-256, and refused when the hash differs (nothing left behind)."""
+    from DinoRegistrationLib.models import download_model, registry_entry
+    from DinoRegistrationLib.models import registry as model_registry
+
+    shipped_dir, remote = tmp_path / "shipped", tmp_path / "remote"
+    shipped_card = save_model(shipped_dir / "ship-net", tiny_model("unet", None), CARD)
+    remote_card = save_model(remote / "far-net", tiny_model("vitvnet", None), CARD)
+    far = registry_entry(remote_card, "download", (remote / "far-net.safetensors").as_uri(), remote_card.as_uri())
+    (remote / "bad-net.json").write_text(remote_card.read_text())
+    bad = dict(far, name="bad-net", sha256="1" * 64, url=(remote / "bad-net.safetensors").as_uri(),
+               card_url=(remote / "bad-net.json").as_uri())
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({"models": [registry_entry(shipped_card), far, bad]}))
+    monkeypatch.setattr(model_registry, "REGISTRY_FILE", registry_file)
+    monkeypatch.setattr(model_registry, "SHIPPED_DIR", shipped_dir)
+    assert main(["methods", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["ship-net"]["available"] and rows["ship-net"]["weights"]["source"] == "shipped"
+    assert not rows["far-net"]["available"] and rows["far-net"]["weights"]["source"] == "download"
+    assert main(["register", str(FIXED), str(MOVING), "-o", str(tmp_path / "out"), "--method", "ship-net",
+                 "--no-affine", "--quiet"]) == 0
+    assert download_model("far-net") == models_folder / "far-net.json"
+    assert (models_folder / "far-net.safetensors").is_file()
+    assert main(["methods", "--json"]) == 0
+    assert {row["name"]: row for row in json.loads(capsys.readouterr().out)}["far-net"]["available"]
+    (remote / "bad-net.safetensors").write_bytes((remote / "far-net.safetensors").read_bytes())
+    with pytest.raises(InputError, match="SHA-256"):
+        download_model("bad-net")
+    assert sorted(p.name for p in models_folder.iterdir()) == ["far-net.json", "far-net.safetensors"]
+    assert main(["models", "clear"]) == 0
+    assert not any(models_folder.iterdir()) and shipped_card.is_file()
+
+
+def test_models_shipped_in_the_repository_verify():
+    """Every model listed as shipped in the real registry is present and passes its hash and a forward."""
+    from DinoRegistrationLib.models import list_models, verify_model
+
+    shipped = [info for info in list_models() if info.source == "shipped"]
+    if not shipped:
+        pytest.skip("no model is shipped yet")
+    for info in shipped:
+        assert info.present, f"{info.weights_path} is missing"
+        assert "ok" in verify_model(info.name)
