@@ -81,3 +81,23 @@ def test_cpu_convolution_fast_path_equals_torch():
         torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
         fast(x).sum().backward()
         assert fast.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("key", ["fmir", "unet"])
+def test_symmetric_forward_is_the_antisymmetric_average(key):
+    torch.manual_seed(0)
+    network = build_network(*tiny_network_spec(key, None)).eval()
+    if network.name == "fmir":
+        network.fit_channel_basis(torch.rand((100, 12)))
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv3d) and module.out_channels == 3:
+            torch.nn.init.normal_(module.weight, 0.0, 0.1)
+    side = 2 * network.shape_multiple
+    fixed, moving = torch.rand((1, 1, side, side, side)), torch.rand((1, 1, side, side, side))
+    with torch.no_grad():
+        expected = 0.5 * (network(fixed, moving) - network(moving, fixed))
+        symmetric = network.symmetric_forward(fixed, moving)
+        torch.testing.assert_close(symmetric, expected, atol=1e-5, rtol=1e-4)
+        assert float(symmetric.abs().max()) > 1e-3
+        assert float(network.symmetric_forward(fixed, fixed).abs().max()) == 0.0
+        torch.testing.assert_close(network.symmetric_forward(moving, fixed), -symmetric)

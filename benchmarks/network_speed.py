@@ -87,7 +87,8 @@ def whole_run(spec: str, dino: str, device: str, models: Path, preset: str | Non
     from DinoRegistrationLib.pipeline import RegistrationOptions, register
     from DinoRegistrationLib.volume import Volume
 
-    data = np.load(REPO.parent / "shared" / "data" / "brain" / "test_scan.npz")
+    shared = Path(os.environ.get("DINOREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+    data = np.load(shared / "brain" / "test_scan.npz")
     image = Volume.from_array_ras(np.ascontiguousarray(data["vol"].transpose(2, 1, 0)).astype(np.float32))
     moving = image.with_array(np.roll(image.array, 3, axis=1))
     name = "bench-" + spec.replace("@", "-")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{torch.get_num_threads()} threads, device {args.device}, load average {load:.1f} at start)", "",
              f"Command: `python benchmarks/network_speed.py {' '.join(argv or sys.argv[1:])}`", "",
              "| network | parameters | input | forward s (median) | symmetric inference s |", "| --- | --- | --- | --- | --- |"]
-    for spec in args.networks.split(","):
+    for spec in [s for s in args.networks.split(",") if s]:
         network = build(spec, dino).to(device)
         shape, seconds = forward_seconds(network, device, args.repeats)
         parameters = sum(p.numel() for p in network.parameters())

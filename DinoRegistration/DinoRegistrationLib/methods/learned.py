@@ -193,10 +193,9 @@ def normalise(image: torch.Tensor, mask: torch.Tensor | None, preprocessing: dic
 
 def predict(network: Any, fixed: torch.Tensor, moving: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """The network's displacement ``(1, 3, D, H, W)`` (model-grid voxels, channel k along axis k + 2)."""
-    forward = network(fixed, moving).float()
-    if not symmetric:
-        return forward
-    return 0.5 * (forward - network(moving, fixed).float())
+    if symmetric:
+        return network.symmetric_forward(fixed, moving)
+    return network(fixed, moving).float()
 
 
 # ---------------------------------------------------------------------- instance optimisation

@@ -110,18 +110,17 @@ class FMIRHead(RegistrationNetwork):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        check_shape(fixed, self.shape_multiple, self.name)
+    def encode(self, images: torch.Tensor, subset: torch.Tensor | None) -> list[torch.Tensor]:
+        """Context features of ``images`` on the head grid and its pooled levels, finest first."""
         down = int(self.config["head_downsample"])
-        head_shape = tuple(int(n) // down for n in fixed.shape[2:])
-        subset = None
-        if self.training and self.channels < self.raw_channels:
-            subset = torch.randperm(self.raw_channels, device=fixed.device)[: self.channels]
-        fixed_pyramid = [self.features(fixed, subset, head_shape)]
-        moving_pyramid = [self.features(moving, subset, head_shape)]
+        head_shape = tuple(int(n) // down for n in images.shape[2:])
+        pyramid = [self.features(images, subset, head_shape)]
         for _ in range(len(self.fusion) - 1):
-            fixed_pyramid.append(F.avg_pool3d(fixed_pyramid[-1], 2))
-            moving_pyramid.append(F.avg_pool3d(moving_pyramid[-1], 2))
+            pyramid.append(F.avg_pool3d(pyramid[-1], 2))
+        return pyramid
+
+    def decode(self, fixed_pyramid: list[torch.Tensor], moving_pyramid: list[torch.Tensor]) -> torch.Tensor:
+        """Coarse-to-fine residual fields composed into the displacement on the input grid."""
         steps = int(self.config["integrate_steps"])
         field = None
         for level in reversed(range(len(self.fusion))):
@@ -133,4 +132,17 @@ class FMIRHead(RegistrationNetwork):
             if steps > 0:
                 residual = integrate_velocity(residual, steps)
             field = residual if field is None else compose(residual, field)
-        return upsample_field(field, down)
+        return upsample_field(field, int(self.config["head_downsample"]))
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        check_shape(fixed, self.shape_multiple, self.name)
+        subset = None
+        if self.training and self.channels < self.raw_channels:
+            subset = torch.randperm(self.raw_channels, device=fixed.device)[: self.channels]
+        return self.decode(self.encode(fixed, subset), self.encode(moving, subset))
+
+    def symmetric_forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """As the base class, with each image's features computed once for both directions."""
+        check_shape(fixed, self.shape_multiple, self.name)
+        fixed_pyramid, moving_pyramid = self.encode(fixed, None), self.encode(moving, None)
+        return 0.5 * (self.decode(fixed_pyramid, moving_pyramid) - self.decode(moving_pyramid, fixed_pyramid)).float()
