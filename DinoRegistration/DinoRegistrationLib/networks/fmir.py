@@ -12,7 +12,7 @@ Pipeline of ``forward(fixed, moving)``:
    are used as they are;
 3. features resized to the head grid (the input grid divided by ``head_downsample``) and a small
    3D conv block (``context_layers`` layers, shared by both images) restoring volumetric context;
-4. a ``levels``-level pyramid (average pooling by 2): from the coarsest level, warp the moving
+4. a ``levels``-level pyramid (average pooling by 2; FMIR uses 5 levels from full resolution): from the coarsest level, warp the moving
    features with the upsampled field, fuse ``cat(f + m, f - m)``, predict a residual field
    (optionally a velocity integrated by scaling and squaring) and compose it before the current
    field (``u <- compose(r, u)``); the finest field is upsampled to the input grid.
@@ -39,8 +39,11 @@ class FMIRHead(RegistrationNetwork):
         "channels": 12,             # feature channels the head sees (random subset while training, PCA at inference)
         "context_channels": 8,      # width of the context block and of the pyramid
         "context_layers": 3,
-        "levels": 5,                # pyramid levels (each halves the grid)
+        "levels": 4,                # pyramid levels (each halves the grid)
         "head_downsample": 2,       # the head works on the input grid divided by this (1 = full resolution)
+        # FMIR's own setting is head_downsample=1, levels=5 (scales 1 .. 1/16); the defaults keep its
+        # coarsest scale (1/16) but drop the full-resolution level, for a CPU forward well under a
+        # second at 2 mm brain size (sizes must then be multiples of 16, not 32: 80x96x112 fits)
         "integrate_steps": 0,       # > 0: residuals are velocities integrated with this many squarings
         "mind_radius": 1,
         "mind_dilation": 1,         # head-grid voxels (2 input voxels at head_downsample 2)
