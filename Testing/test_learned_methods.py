@@ -95,8 +95,10 @@ def test_identical_inputs_give_the_identity(models_folder):
 
 def test_checkpoint_round_trips_to_identical_outputs(dino_folder, tmp_path):
     network = tiny_model("fmir-dino", dino_folder)
-    card_path = save_model(tmp_path / "model", network, {"name": "round-trip", **CARD})
-    loaded, card = load_model(card_path)
+    card_path = save_model(tmp_path / "fmir.v2", network, {"name": "round-trip", **CARD})
+    assert card_path.name == "fmir.v2.json" and (tmp_path / "fmir.v2.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmir.v2.json", "fmir.v2.safetensors"]  # no leftovers
+    loaded, card = load_model(tmp_path / "fmir.v2")
     images = torch.rand((2, 1, 8, 8, 12)), torch.rand((2, 1, 8, 8, 12))
     with torch.no_grad():
         assert torch.equal(network(*images), loaded(*images))
