@@ -298,3 +298,28 @@ def test_models_shipped_in_the_repository_verify():
     for info in shipped:
         assert info.present, f"{info.weights_path} is missing"
         assert "ok" in verify_model(info.name)
+
+
+def test_masks_make_the_result_ignore_everything_outside_them(models_folder):
+    from DinoRegistrationLib.io import read_volume
+    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+
+    save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=2.0), CARD)
+    fixed, moving = read_volume(FIXED), read_volume(MOVING)
+
+    def box_mask(volume, margin):
+        array = np.zeros(volume.array.shape, dtype=np.uint8)
+        array[margin:-margin, margin:-margin, margin:-margin] = 1
+        return volume.with_array(array)
+
+    fixed_mask, moving_mask = box_mask(fixed, 6), box_mask(moving, 6)
+    noisy = moving.array.astype(np.float32).copy()
+    outside = box_mask(moving, 4).array == 0  # changed only 2 voxels away from the mask
+    noisy[outside] = np.random.default_rng(0).uniform(0, 3 * noisy.max(), outside.sum())
+    options = RegistrationOptions(method="tiny-unet", preset="io", use_affine=False, compute_inverse=False,
+                                  params={"io_iterations": "5"})
+    first = register(fixed, moving, options, fixed_mask, moving_mask)
+    second = register(fixed, moving.with_array(noisy), options, fixed_mask, moving_mask)
+    np.testing.assert_allclose(first.transform.dense.displacement, second.transform.dense.displacement, atol=1e-4)
+    unmasked = register(fixed, moving.with_array(noisy), options)
+    assert np.abs(unmasked.transform.dense.displacement - first.transform.dense.displacement).max() > 0.1
