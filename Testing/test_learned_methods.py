@@ -212,8 +212,9 @@ def test_io_preset_improves_on_the_network(models_folder, tmp_path):
     fixed, moving = read_volume(FIXED), read_volume(MOVING)
     plain = register(fixed, moving, RegistrationOptions(method="tiny-unet", use_affine=False, compute_inverse=False))
     for similarity in ("mind", "lncc"):
+        params = {"io_similarity": similarity, "io_iterations": "20"}
         refined = register(fixed, moving, RegistrationOptions(method="tiny-unet", preset="io", use_affine=False,
-                                                              compute_inverse=False, params={"io_similarity": similarity}))
+                                                              compute_inverse=False, params=params))
         assert refined.report["similarity_after"]["ncc"] > plain.report["similarity_after"]["ncc"] + 0.02
         assert refined.report["jacobian"]["percent_nonpositive"] < 1.0
 
