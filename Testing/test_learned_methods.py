@@ -4,7 +4,6 @@ as a local model, checkpoints, model management, and physically correct pre/post
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
