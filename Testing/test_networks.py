@@ -66,6 +66,15 @@ def test_fmir_channel_subset_while_training_and_stored_basis_at_inference(dino_f
     with torch.no_grad():
         first, second = network(images, images.flip(2)), network(images, images.flip(2))
     torch.testing.assert_close(first, second)  # inference is deterministic: no per-pair refit, no random subset
+    network.train()
+    subsets = []
+    original = network.reduce_channels
+    network.reduce_channels = lambda features, subset: subsets.append(subset) or original(features, subset)
+    network(images, images.flip(2))
+    network(images, images.flip(2))
+    assert all(s is not None and s.numel() == 8 for s in subsets)  # a random subset of 8 of the 32 channels
+    assert not torch.equal(subsets[0], subsets[2])  # drawn anew at every step (same for fixed and moving)
+    assert torch.equal(subsets[0], subsets[1])
 
 
 
