@@ -11,6 +11,7 @@ Conversion to and from ITK files lives in ``itk_files.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 import torch
@@ -107,7 +108,8 @@ class DenseField:
         return DenseField.from_voxel_displacement(inverse, work_grid).resampled_to(self.grid)
 
 
-Step = AffineMap | DenseField
+#: one step of a chain (``typing.Union``: ``X | Y`` at runtime needs Python 3.10, Slicer 5.6/5.8 ship 3.9)
+Step = Union[AffineMap, DenseField]
 
 
 @dataclass
@@ -145,13 +147,15 @@ class Transform:
     def mapped_points(self, grid: Grid, device: torch.device | str = "cpu", k_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Where each voxel centre of ``grid`` lands: ``(K, J, I, 3)`` LPS mm (float32).
 
-        Fast paths: a dense field defined on ``grid`` itself is added without interpolation, and
-        consecutive affine steps are folded into one matrix.
+        Fast paths: a dense field defined on ``grid`` itself is added without interpolation when it
+        is the FIRST step (the points are still the grid's voxel centres; after any other step they
+        are not, and the field must be interpolated where the points went), and consecutive affine
+        steps are folded into one matrix.
         """
         points = spatial.grid_points(grid, k_range, device)
         k0, k1 = k_range or (0, grid.shape[0])
-        for step in fold_affines(self.steps):
-            if isinstance(step, DenseField) and step.grid.same_as(grid) and points.shape[:3] == (k1 - k0, *grid.shape[1:]):
+        for position, step in enumerate(fold_affines(self.steps)):
+            if position == 0 and isinstance(step, DenseField) and step.grid.same_as(grid):
                 points = points + torch.from_numpy(step.displacement[k0:k1]).to(device)
             else:
                 points = step.apply(points)
