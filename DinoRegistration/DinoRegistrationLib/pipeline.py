@@ -7,7 +7,6 @@ Stages: affine pre-alignment -> the method (deformable or not) -> inverse -> der
 from __future__ import annotations
 
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from . import __version__, metrics
 from .affine import AffineSettings, affine_registration
 from .intensity import foreground, normalise, robust_range
 from .methods.base import Method, RegistrationProblem, get_method, registry
+from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
 from .transforms import Transform, jacobian_determinant, warp_volume
@@ -194,7 +194,7 @@ def build_report(method_name: str, options: RegistrationOptions, params: dict[st
         "device": device_description(device),
         "seconds_per_stage": {k: round(v, 3) for k, v in progress.stage_seconds.items()},
         "seconds_total": round(time.perf_counter() - started, 3),
-        "peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_ram_mb": round(peak_rss_mb() or 0.0, 1) or None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "similarity_before": similarity(fixed, moving_on_fixed_grid, moving, mask),
         "similarity_after": similarity(fixed, warped, moving, mask),
