@@ -145,3 +145,16 @@ def test_console_script_reports_error_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert '"event": "error"' in result.stdout
+
+
+def test_every_bad_parameter_value_is_one_line(capsys, tmp_path, good_pair):
+    """Issue 7 bug 4: ``--param adam_iterations=abc`` printed a traceback."""
+    from DinoRegistrationLib.methods.base import get_method
+
+    defaults = get_method("mind-zeroshot").parameters()
+    for key, default in sorted(defaults.items()):
+        bad_values = ["abc"] + (["2.5"] if isinstance(default, int) and not isinstance(default, bool) else []) \
+            + (["nan", "inf"] if isinstance(default, float) else [])
+        for bad in bad_values:
+            error = run_expecting_error(capsys, tmp_path, *good_pair, "--method", "mind-zeroshot", "--param", f"{key}={bad}")
+            assert key in error, (key, bad, error)

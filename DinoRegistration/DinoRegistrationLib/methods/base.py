@@ -11,6 +11,7 @@ compute a voxel displacement on that grid and hand it to :func:`dense_result`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,22 +79,46 @@ class Method:
         for key, value in (overrides or {}).items():
             if key not in params:
                 raise InputError(f"unknown parameter '{key}' for method {self.name}: known parameters are {sorted(params)}")
-            params[key] = coerce_like(params[key], value)
+            params[key] = coerce_like(params[key], value, key)
         return params
 
     def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
         raise NotImplementedError
 
 
-def coerce_like(default: Any, value: Any) -> Any:
-    """Convert a (possibly string) override to the type of the default value."""
-    if isinstance(value, str) and not isinstance(default, str):
-        if isinstance(default, bool):
-            return value.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
+def coerce_like(default: Any, value: Any, name: str = "parameter") -> Any:
+    """Convert a (possibly string) override to the type of the default value.
+
+    Raises ``InputError`` naming the parameter, the value and an example for values that do not
+    convert (``adam_iterations=abc``), booleans other than true/false/yes/no/on/off/1/0, and
+    non-finite numbers.
+    """
+    from ..errors import InputError
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"parameter {name}={value!r} is not a boolean: write {name}=true or {name}=false")
+    if isinstance(default, (int, float)):
+        kind = int if isinstance(default, int) else float
+        try:
+            number = kind(value) if not isinstance(value, str) else kind(value.strip())
+            if kind is int and not isinstance(value, str) and float(value) != number:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            example = f"{name}={default}"
+            raise InputError(f"parameter {name}={value!r} is not {'an integer' if kind is int else 'a number'}: "
+                             f"write e.g. {example}") from None
+        if kind is float and not math.isfinite(number):
+            raise InputError(f"parameter {name}={value!r} is not a finite number: write e.g. {name}={default}")
+        return number
+    if isinstance(default, str) and not isinstance(value, str):
+        return str(value)
     return value
 
 
