@@ -94,9 +94,9 @@ def test_constant_and_empty_images(capsys, tmp_path, good_pair):
     assert "constant" in run_expecting_error(capsys, tmp_path, empty, good_pair[1])
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
 def test_nan_and_inf_voxels(capsys, tmp_path, good_pair, suffix):
-    """(ITK's NIfTI reader already replaces NaN/inf by 0 on reading, so NIfTI never gets here.)"""
+    """(ITK's NIfTI reader replaces NaN/inf by 0 on reading: NIfTI is checked on its raw voxels.)"""
     array = blob()
     array[3, 4, 5] = np.nan
     array[6, 7, 8] = np.inf
