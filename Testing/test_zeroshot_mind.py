@@ -127,6 +127,59 @@ def test_convex_search_recovers_a_translation():
     assert float(error.median()) < 0.5, float(error.median())
 
 
+def two_motion_pair(shape=(32, 32, 48)):
+    """Fixed blobs; moving = fixed shifted by +2 voxels along i in the left half (i < 20) and by -4
+    in the right half (i >= 28). Returns fixed, moving and a mask of the left part ``(1, 1, K, J, I)``."""
+    fixed = blobs(shape=shape, seed=11, count=60)
+    i = torch.arange(shape[2], dtype=torch.float32)
+    shift = torch.where(i < 24, torch.tensor(2.0), torch.tensor(-4.0)).view(1, 1, 1, -1).expand(1, *shape)
+    field = \
+        torch.stack([shift[0], torch.zeros(shape), torch.zeros(shape)]).unsqueeze(0)
+    moving = spatial.warp_with_voxel_displacement(fixed, -field)
+    mask = torch.zeros(1, 1, *shape)
+    mask[..., :20] = 1.0
+    return fixed, moving, mask
+
+
+def test_convex_search_follows_the_mask():
+    """Issue 7 bug 7: the search ignored the masks; the content outside the mask must not drive the
+    field there (the other half moves the other way), the content inside it still does."""
+    fixed, moving, mask = two_motion_pair()
+    settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3)
+    f, m = mind_ssc(fixed), mind_ssc(moving)
+    unmasked = convex_search(f, m, settings)
+    masked = convex_search(f, m, settings, mask=mask, moving_mask=mask)
+    left, right = (..., slice(8, 24), slice(8, 24), slice(4, 16)), (..., slice(8, 24), slice(8, 24), slice(34, 44))
+    assert float(unmasked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
+    assert float(unmasked[:, 0][right].median()) < -3.0  # without a mask, the right half's motion is found
+    assert float(masked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
+    assert float(masked[:, 0][right].median()) > -1.0, float(masked[:, 0][right].median())
+
+
+def test_mind_zeroshot_passes_the_masks_to_the_search():
+    fixed, moving, mask = two_motion_pair()
+    volume = Volume.from_array_ras(fixed[0, 0].numpy())
+    params = zeroshot.MindZeroShot().parameters(overrides={"adam_iterations": 0, "working_spacing_mm": 0,
+                                                            "foreground_margin_mm": 0, "search_radius": 3})
+    mask_volume = volume.with_array(mask[0, 0].numpy().astype(np.uint8))
+    problem = RegistrationProblem(volume, volume.with_array(moving[0, 0].numpy()), mask_volume, mask_volume, params=params)
+    result = zeroshot.MindZeroShot().run(problem, Transform())
+    displacement_mm = result.dense.resampled_to(volume.grid).displacement  # LPS: i is -x for from_array_ras
+    right = displacement_mm[8:24, 8:24, 34:44, 0]
+    left = displacement_mm[8:24, 8:24, 4:16, 0]
+    assert float(np.median(-left)) == pytest.approx(2.0, abs=0.5)
+    assert float(np.median(-right)) > -1.0, float(np.median(-right))
+
+
+def test_flat_cost_ties_choose_zero_displacement():
+    """Issue 7 bug 1: in flat background every candidate costs the same; zero must win, not the
+    first candidate (the far corner of the search window)."""
+    flat = torch.zeros(1, 12, 24, 24, 24)
+    settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3, inverse_consistent=False)
+    field = convex_search(flat, flat, settings)
+    assert float(field.abs().max()) == 0.0
+
+
 def test_cost_volume_does_not_depend_on_chunk_size():
     fixed, moving, _ = shifted_pair()
     f, m = mind_ssc(fixed), mind_ssc(moving)

@@ -56,13 +56,15 @@ def to_mask_image(mask: Volume | None, reference: sitk.Image) -> sitk.Image | No
 
 
 def moments_initialisation(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-    """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate)."""
+    """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate), as an
+    ``Euler3DTransform`` (some SimpleITK versions return the generic ``Transform`` base class)."""
     try:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
     except RuntimeError:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    return sitk.Euler3DTransform(initial.Downcast() if hasattr(initial, "Downcast") else initial)
 
 
 def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:

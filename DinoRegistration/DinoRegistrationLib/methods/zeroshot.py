@@ -49,7 +49,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "adam_level": 2,                    # the optimised field lives on every 2nd working voxel
     "adam_iterations": 40,
     "adam_learning_rate": 1.0,
-    "regularisation": 0.5,              # diffusion weight (features have unit total variance)
+    "regularisation": 0.25,             # diffusion weight per lattice cell (features have unit total variance)
     "smoothing_passes": 1,              # 3x3x3 box filters of the field per iteration
     "diffeomorphic": True,              # stationary velocity + scaling and squaring: no folding
     "integration_steps": 4,
@@ -111,12 +111,14 @@ class ZeroShotMethod(Method):
             low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
             fixed = robust_normalise(pair.fixed, pair.fixed_mask, low, high)
             moving = robust_normalise(pair.moving, pair.moving_mask, low, high)
-            foreground = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, float(params["foreground_margin_mm"]))
+            margin_mm = float(params["foreground_margin_mm"])
+            foreground = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, margin_mm)
+            moving_foreground = foreground_region(pair.moving, pair.moving_mask, pair.grid.spacing, margin_mm)
             progress.stage(STAGE_FEATURES)
             fixed_features, moving_features = self.features(pair, fixed, moving, foreground, params, problem)
             del fixed, moving
         displacement = convex_adam(fixed_features, moving_features, settings, spacing=pair.grid.spacing,
-                                   mask=foreground, progress=progress)
+                                   mask=foreground, progress=progress, moving_mask=moving_foreground)
         del fixed_features, moving_features
         progress.stage(STAGE_OUTPUT)
         return dense_result(displacement, pair, problem, initial)
