@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DinoRegistrationLib import spatial
+from DinoRegistrationLib import geometry, spatial
 from DinoRegistrationLib.errors import Cancelled, InputError
 from DinoRegistrationLib.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
 from DinoRegistrationLib.spatial import voxels_per_axis
@@ -113,7 +113,7 @@ def shifted_pair(shift_ijk=(4.0, -2.0, 2.0), seed=5):
     """Fixed blobs and a moving copy with ``moving(x + t) = fixed(x)``: the true field is t."""
     fixed = blobs(shape=(40, 40, 40), seed=seed, count=30)
     t = torch.tensor(shift_ijk).view(1, 3, 1, 1, 1).expand(1, 3, 40, 40, 40)
-    moving = spatial.warp_with_voxel_displacement(fixed, -t)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-t))
     return fixed, moving, t
 
 
@@ -135,7 +135,7 @@ def two_motion_pair(shape=(32, 32, 48)):
     shift = torch.where(i < 24, torch.tensor(2.0), torch.tensor(-4.0)).view(1, 1, 1, -1).expand(1, *shape)
     field = \
         torch.stack([shift[0], torch.zeros(shape), torch.zeros(shape)]).unsqueeze(0)
-    moving = spatial.warp_with_voxel_displacement(fixed, -field)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-field))
     mask = torch.zeros(1, 1, *shape)
     mask[..., :20] = 1.0
     return fixed, moving, mask
@@ -183,9 +183,9 @@ def test_flat_cost_ties_choose_zero_displacement():
 def test_cost_volume_does_not_depend_on_chunk_size():
     fixed, moving, _ = shifted_pair()
     f, m = mind_ssc(fixed), mind_ssc(moving)
-    geometry = search_geometry(f.shape[2:], ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=2), None)
-    chunked = search_cost_volume(f, m, geometry, chunk_size=7)
-    whole = search_cost_volume(f, m, geometry, chunk_size=10_000)
+    search = search_geometry(f.shape[2:], ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=2), None)
+    chunked = search_cost_volume(f, m, search, chunk_size=7)
+    whole = search_cost_volume(f, m, search, chunk_size=10_000)
     assert chunked.shape == (125, 10, 10, 10)
     assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
@@ -196,7 +196,7 @@ def test_inverse_consistency_makes_forward_and_backward_compose_to_identity():
     backward = smooth_random_field(shape, 1.5, seed=2)  # unrelated: far from the inverse
 
     def residual(f, b):
-        return float(spatial.compose_voxel_displacements(f, b).norm(dim=1).mean())
+        return float(geometry.compose(geometry.from_ijk_channels(f), geometry.from_ijk_channels(b)).norm(dim=1).mean())
 
     before = residual(forward, backward)
     f, b = make_inverse_consistent(forward, backward, iterations=15)
@@ -234,12 +234,12 @@ def test_convex_adam_on_an_anisotropic_grid():
     shape = (16, 40, 40)
     fixed = blobs(shape=shape, seed=8, count=30)
     truth = torch.tensor([4.0, -2.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)  # (di, dj, dk) voxels
-    moving = spatial.warp_with_voxel_displacement(fixed, -truth)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-truth))
     spacing = (1.0, 1.0, 3.0)  # (si, sj, sk) mm
     f, m = mind_ssc(fixed, spacing=spacing), mind_ssc(moving, spacing=spacing)
     settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3, adam_iterations=20)
-    geometry = search_geometry(shape, settings, spacing)
-    assert geometry.step == (1, 2, 2) and geometry.grid_spacing == (2, 4, 4)
+    search = search_geometry(shape, settings, spacing)
+    assert search.step == (1, 2, 2) and search.grid_spacing == (2, 4, 4)
     field = convex_adam(f, m, settings, spacing=spacing)
     centre = (slice(None), slice(None), slice(5, 11), slice(12, 28), slice(12, 28))
     assert float((field - truth)[centre].norm(dim=1).median()) < 0.5
@@ -351,9 +351,9 @@ def deformed_brain(brain_scan_2mm):
 
     # moving(y) = fixed(y + v(y)); the field the registration should find is u = v^-1 (fixed -> moving)
     v = smooth_random_field(tuple(image.shape[2:]), 1.6, seed=3)
-    moving = spatial.warp_with_voxel_displacement(image, v)
-    moving_labels = spatial.warp_with_voxel_displacement(labels, v, mode="nearest")
-    truth = spatial.invert_voxel_displacement(v, iterations=20)
+    moving = geometry.warp(image, geometry.from_ijk_channels(v))
+    moving_labels = geometry.warp(labels, geometry.from_ijk_channels(v), mode="nearest")
+    truth = geometry.to_ijk_channels(geometry.invert(geometry.from_ijk_channels(v), iterations=20)[0])
 
     moving_volume = fixed_volume.with_array(moving[0, 0].numpy())
     method = zeroshot.MindZeroShot()

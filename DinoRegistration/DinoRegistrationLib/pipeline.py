@@ -132,10 +132,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     warped_labels = warp_volume(moving_labels, transform, fixed.grid, "nearest", device) if moving_labels is not None else None
     progress.update(1.0)
 
-    inverse = None
+    inverse, inverse_residual = None, None
     if options.compute_inverse:
         progress.stage("inverse")
-        inverse = transform.inverse()
+        inverse, inverse_residual = transform.inverse_with_residual()
     jacobian = None
     if options.compute_jacobian:
         progress.stage("jacobian")
@@ -145,6 +145,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     progress.finish()
     report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
                           warped, moving_on_fixed_grid, fixed_mask, jacobian, transform)
+    if inverse_residual is not None:
+        report["inverse_residual_voxels_p99"] = round(inverse_residual, 4)
     if fixed_labels is not None and moving_labels is not None:
         unregistered_labels = warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)

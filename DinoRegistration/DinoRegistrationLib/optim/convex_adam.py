@@ -23,9 +23,11 @@ consistent (each is pushed towards minus the other, composed).
 Stage 2, instance optimisation: the field is refined with Adam on a lattice of every
 ``adam_level``-th voxel (features averaged over the lattice cells). Each iteration smooths the
 optimised field (``smoothing_passes`` 3x3x3 box filters), optionally integrates it as a stationary
-velocity (scaling and squaring: diffeomorphic), warps the moving features and minimises
-mean SSD + ``regularisation`` * diffusion (mean squared spatial gradient of the displacement,
-dimensionless: mm per mm). The result is interpolated back to the working grid.
+velocity (scaling and squaring: diffeomorphic), warps the moving features and minimises the
+feature SSD summed over the masked lattice cells + ``regularisation`` * the diffusion energy
+(squared spatial gradient of the displacement, mm per mm) summed over all cells. Adam's learning
+rate decays (cosine) so the last steps settle. The result is interpolated back to the working grid.
+Field operations (warp, scaling and squaring, diffusion gradient) come from ``geometry/``.
 
 All displacements inside this module are in working-grid voxels unless a name says otherwise.
 """
@@ -39,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import spatial
+from .. import geometry
 from ..spatial import voxels_per_axis
 from ..errors import InputError
 from ..progress import Progress
@@ -327,8 +329,10 @@ def make_inverse_consistent(forward: torch.Tensor, backward: torch.Tensor,
     """
     for _ in range(iterations):
         f_old, b_old = forward, backward
-        forward = 0.5 * (f_old - spatial.warp_with_voxel_displacement(b_old, f_old))
-        backward = 0.5 * (b_old - spatial.warp_with_voxel_displacement(f_old, b_old))
+        # geometry.warp wants the displacement in its (dk, dj, di) channel order; the warped
+        # fields keep theirs
+        forward = 0.5 * (f_old - geometry.warp(b_old, geometry.from_ijk_channels(f_old)))
+        backward = 0.5 * (b_old - geometry.warp(f_old, geometry.from_ijk_channels(b_old)))
     return forward, backward
 
 
@@ -383,48 +387,18 @@ def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: 
 # Stage 2: Adam instance optimisation
 # ----------------------------------------------------------------------------------------------
 
-def _axis_weights(voxel_mm: Sequence[float], displacement: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Channel factors to mm and per-axis 1/size^2 (k, j, i) used by the diffusion terms."""
-    to_mm = _channels_ijk(voxel_mm, displacement.device)
-    return to_mm, [1.0 / float(size) ** 2 for size in voxel_mm]
+def diffusion_sum_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float]) -> torch.Tensor:
+    """Gradient of the diffusion energy SUMMED over lattice cells (mm per mm, dimensionless).
 
-
-def diffusion_energy(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Diffusion regulariser: sum over lattice cells and axes of the squared forward difference
-    of the displacement, in mm per mm (dimensionless).
-
-    ``displacement (1, 3, K, J, I)`` has channels (di, dj, dk) in lattice voxels whose size is
-    ``voxel_mm`` (k, j, i). A SUM over cells, like the data term of :func:`instance_optimisation`
-    (a sum over the masked cells): their ratio, hence the effective regularisation, does not
-    depend on how much background the field of view holds. :func:`diffusion_gradient` is its
-    exact gradient.
+    ``displacement (1, 3, K, J, I)`` channels (di, dj, dk) in lattice voxels of ``voxel_mm``
+    (k, j, i). A sum over cells, like the data term of :func:`instance_optimisation` (a sum over
+    the masked cells), so their ratio, hence the effective regularisation, does not depend on how
+    much background the field of view holds. From ``geometry.diffusion_gradient`` (a mean over
+    the 3 channels and the cells): times 3 x cells (exact up to the (n-1)/n of each axis).
     """
-    to_mm, weights = _axis_weights(voxel_mm, displacement)
-    mm = displacement * to_mm
-    energy = displacement.new_zeros(())
-    for axis, weight in zip((2, 3, 4), weights):
-        n = displacement.shape[axis]
-        if n > 1:
-            energy = energy + weight * (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).square().sum()
-    return energy
-
-
-def diffusion_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Gradient of :func:`diffusion_energy` with respect to ``displacement``, computed directly.
-
-    A negative discrete Laplacian (Neumann borders): far cheaper on the CPU than autograd
-    through slices, which is why the Adam loop uses it.
-    """
-    to_mm, weights = _axis_weights(voxel_mm, displacement)
-    mm = displacement * to_mm
-    gradient = torch.zeros_like(displacement)
-    for axis, weight in zip((2, 3, 4), weights):
-        n = displacement.shape[axis]
-        if n > 1:
-            difference = (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).mul_(2.0 * weight)
-            gradient.narrow(axis, 1, n - 1).add_(difference)
-            gradient.narrow(axis, 0, n - 1).sub_(difference)
-    return gradient * to_mm
+    mean_gradient = geometry.diffusion_gradient(geometry.from_ijk_channels(displacement), voxel_mm)
+    cells = displacement[0, 0].numel()
+    return geometry.to_ijk_channels(mean_gradient) * (3.0 * cells)
 
 
 #: Adam's epsilon in the units of the summed loss's gradient (per lattice cell: twice the feature
@@ -449,8 +423,8 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
                           progress: Progress | None = None) -> torch.Tensor:
     """Stage 2 on its own: refine ``initial (1, 3, K, J, I)`` (voxels) with Adam; returns the same form.
 
-    Minimises ``sum over masked cells of the feature SSD + regularisation * diffusion_energy``
-    (both sums over lattice cells, see :func:`diffusion_energy`). ``mask (1, 1, K, J, I)``
+    Minimises ``sum over masked cells of the feature SSD + regularisation * diffusion energy``
+    (both sums over lattice cells, see :func:`diffusion_sum_gradient`). ``mask (1, 1, K, J, I)``
     restricts the data term to the lattice cells that touch it (e.g. the dilated fixed
     foreground), which also saves time; the regulariser acts everywhere.
     """
@@ -475,7 +449,8 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
             points = torch.arange(fixed_lattice[0, 0].numel(), device=device)
         fixed_points = fixed_lattice.reshape(channels, -1)[:, points]
         # the lattice's own voxel positions in grid_sample units, exactly (no linspace rounding)
-        scale = spatial.voxel_to_normalised_scale(lattice_shape, device)
+        sizes_ijk = torch.tensor(lattice_shape[::-1], dtype=torch.float32, device=device)
+        scale = 2.0 / torch.clamp(sizes_ijk - 1.0, min=1.0)  # one lattice voxel in grid_sample units (x=i, y=j, z=k)
         base = _lattice_index(lattice_shape, device).reshape(-1, 3)[points] * scale - 1.0
     if settings.adam_iterations == 0 or points.numel() == 0:
         return initial
@@ -485,7 +460,8 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
     def field_of(param: torch.Tensor) -> torch.Tensor:
         smooth = _box3(param, settings.smoothing_passes)
         if settings.diffeomorphic:
-            return spatial.integrate_velocity(smooth, settings.integration_steps)
+            return geometry.to_ijk_channels(geometry.integrate_velocity(geometry.from_ijk_channels(smooth),
+                                                                         settings.integration_steps))
         return smooth
 
     count = points.numel()
@@ -503,7 +479,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         data.backward()
         gradient = current.grad
         if settings.regularisation > 0:
-            gradient = gradient.add_(diffusion_gradient(current.detach(), voxel_mm), alpha=settings.regularisation)
+            gradient = gradient.add_(diffusion_sum_gradient(current.detach(), voxel_mm), alpha=settings.regularisation)
         displacement.backward(gradient)
         optimiser.step()
         if progress is not None:
@@ -536,7 +512,7 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamS
         progress: reports the stages :data:`STAGE_SEARCH` and :data:`STAGE_ADAM` and checks cancel.
 
     The field maps fixed voxels to moving voxels: ``moving`` resampled at ``x + u(x)``
-    (:func:`spatial.warp_with_voxel_displacement`) matches ``fixed``.
+    (``geometry.warp`` with the channels flipped to its order) matches ``fixed``.
     """
     settings = settings or ConvexAdamSettings()
     settings.validate()
