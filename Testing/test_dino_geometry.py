@@ -162,3 +162,32 @@ def test_one_mask_does_not_change_the_normalisation_of_one_image_only(pooling_ba
     from DinoRegistrationLib.features.mind import robust_normalise
 
     torch.testing.assert_close(robust_normalise(pair.fixed, fixed_region), robust_normalise(pair.moving, moving_region))
+
+
+# ------------------------------------------------------------------------------ bug 6: load errors say what failed
+
+@pytest.mark.parametrize("error,expected,not_expected", [
+    (ImportError("cannot import name 'Dinov3ViTModel' from 'transformers'"), "transformers>=5", "corrupted"),
+    (ValueError("The checkpoint you are trying to load has model type `dinov3_vit` but Transformers does not "
+                "recognize this architecture"), "does not know this model type", "corrupted"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: out of memory"),
+     "not enough memory", "corrupted"),
+    (PermissionError(13, "Permission denied"), "permission denied", "corrupted"),
+    (RuntimeError("Error while deserializing header: MetadataIncompleteBuffer"), "truncated or corrupted", "transformers>=5 ("),
+])
+def test_a_backbone_that_fails_to_load_says_what_really_failed(monkeypatch, tmp_path, error, expected, not_expected):
+    """Issue 7 bug 6: every load failure was reported as a corrupted file to delete."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+
+    def failing(location):
+        raise error
+
+    monkeypatch.setattr(backbones, "load_hf_folder", failing)
+    source = backbones.ModelSource(str(folder), "hf_folder", str(folder), None)
+    monkeypatch.setattr(backbones, "resolve_model", lambda spec: source)
+    backbones.forget_loaded_backbones()
+    with pytest.raises(InputError) as raised:
+        backbones.load_backbone(str(folder))
+    message = str(raised.value)
+    assert expected in message and not_expected not in message and "\n" not in message, message
