@@ -77,3 +77,24 @@ def test_dino_methods_of_a_volume_to_itself(brain_3mm, method, tmp_path, monkeyp
             assert_identity(brain_3mm, register(brain_3mm, brain_3mm, options).transform, f"{method} {preset}")
     finally:
         forget_loaded_backbones()
+
+
+def test_affine_stage_is_reproducible_whatever_the_thread_count(brain_3mm):
+    """Issue 10 (a): identical inputs must give the identical affine (ITK's multi-threaded metric
+    summed its histograms in a varying order: NCC differed in the third decimal between runs)."""
+    import SimpleITK as sitk
+
+    from DinoRegistrationLib.affine import affine_registration
+    from DinoRegistrationLib.progress import Progress
+
+    moving = brain_3mm.with_array(np.roll(brain_3mm.array, (1, -2, 1), axis=(0, 1, 2)) * 1.1)
+    default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    matrices = []
+    try:
+        for threads in (1, 2, 1, 3):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            matrices.append(affine_registration(brain_3mm, moving, Progress()).affine.homogeneous)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
+    for matrix in matrices[1:]:
+        np.testing.assert_array_equal(matrix, matrices[0])
