@@ -154,7 +154,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteImage(volume.to_sitk(), temporary, compress)
+        # gzip level 1: about 3x faster than the default level for a few percent larger files
+        sitk.WriteImage(volume.to_sitk(), temporary, compress, 1 if compress else -1)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -93,11 +93,11 @@ class DenseField:
         sampled = spatial.sample_at_points(self.as_tensor(), self.grid, points)
         return DenseField(sampled[0].permute(1, 2, 3, 0).numpy(), grid)
 
-    def inverse(self, iterations: int = 30, max_voxels: int = 3_000_000) -> "DenseField":
+    def inverse(self, iterations: int = 30, max_voxels: int = 1_000_000) -> "DenseField":
         """Numerical inverse: ``x + v(x)`` undoes ``x + u(x)`` on the same grid (see :meth:`inverse_with_residual`)."""
         return self.inverse_with_residual(iterations, max_voxels)[0]
 
-    def inverse_with_residual(self, iterations: int = 30, max_voxels: int = 3_000_000,
+    def inverse_with_residual(self, iterations: int = 30, max_voxels: int = 1_000_000,
                               tolerance_voxels: float = 0.02, first_iterations: int = 12) -> tuple["DenseField", float]:
         """Numerical inverse (``geometry.invert``'s fixed-point iteration) and its residual.
 

@@ -47,7 +47,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "inverse_consistent": True,
     # Adam instance optimisation
     "adam_level": 2,                    # the optimised field lives on every 2nd working voxel
-    "adam_iterations": 40,
+    "adam_iterations": 30,              # with the decaying step, 40 gave the same Dice and smoothness on real brains
     "adam_learning_rate": 1.0,
     "regularisation": 0.25,             # diffusion weight per lattice cell (features have unit total variance)
     "smoothing_passes": 1,              # 3x3x3 box filters of the field per iteration
@@ -83,7 +83,7 @@ ACCURATE: dict[str, Any] = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_
 BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5}
 #: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
 BODY_CT_DINO: dict[str, Any] = {**BODY_CT, "ct_window": "-150,250"}
-FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 30}
+FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 20}
 
 
 def _presets(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
