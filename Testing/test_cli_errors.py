@@ -94,9 +94,9 @@ def test_constant_and_empty_images(capsys, tmp_path, good_pair):
     assert "constant" in run_expecting_error(capsys, tmp_path, empty, good_pair[1])
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
 def test_nan_and_inf_voxels(capsys, tmp_path, good_pair, suffix):
-    """(ITK's NIfTI reader already replaces NaN/inf by 0 on reading, so NIfTI never gets here.)"""
+    """(ITK's NIfTI reader replaces NaN/inf by 0 on reading: NIfTI is checked on its raw voxels.)"""
     array = blob()
     array[3, 4, 5] = np.nan
     array[6, 7, 8] = np.inf
@@ -145,3 +145,16 @@ def test_console_script_reports_error_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert '"event": "error"' in result.stdout
+
+
+def test_every_bad_parameter_value_is_one_line(capsys, tmp_path, good_pair):
+    """Issue 7 bug 4: ``--param adam_iterations=abc`` printed a traceback."""
+    from DinoRegistrationLib.methods.base import get_method
+
+    defaults = get_method("mind-zeroshot").parameters()
+    for key, default in sorted(defaults.items()):
+        bad_values = ["abc"] + (["2.5"] if isinstance(default, int) and not isinstance(default, bool) else []) \
+            + (["nan", "inf"] if isinstance(default, float) else [])
+        for bad in bad_values:
+            error = run_expecting_error(capsys, tmp_path, *good_pair, "--method", "mind-zeroshot", "--param", f"{key}={bad}")
+            assert key in error, (key, bad, error)

@@ -172,3 +172,29 @@ def test_apply_command_reproduces_warped_and_warps_labels(tmp_path):
     assert main(["apply", str(outdir / "transform.h5"), str(tmp_path / "labels.nii.gz"), "-r", str(fixed_path),
                  "-o", str(tmp_path / "warped_labels.nii.gz"), "--labels"]) == 0
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped_labels.nii.gz"))))) <= {0, 3}
+
+
+def test_non_finite_voxels_are_refused_by_the_api(brain_scan_2mm):
+    """Issue 7 bug 3: a NaN slice registered and reported success. ``register()`` itself refuses it."""
+    from DinoRegistrationLib.errors import InputError
+
+    image, labels = brain_scan_2mm
+    broken = image.with_array(image.array.astype(np.float32).copy())
+    broken.array[20] = np.nan
+    for fixed, moving in ((broken, image), (image, broken)):
+        with pytest.raises(InputError, match="NaN/inf"):
+            register(fixed, moving, RegistrationOptions(method="affine"))
+    mask = image.with_array(np.where(image.array > 0, 1.0, np.inf).astype(np.float32))
+    with pytest.raises(InputError, match="fixed mask"):
+        register(image, image, RegistrationOptions(method="affine"), fixed_mask=mask)
+
+
+def test_a_non_finite_transform_is_never_returned(brain_scan_2mm, monkeypatch):
+    from DinoRegistrationLib.errors import RegistrationFailed
+    from DinoRegistrationLib.methods.identity import IdentityMethod
+    from DinoRegistrationLib.transforms import AffineMap
+
+    image, _ = brain_scan_2mm
+    monkeypatch.setattr(IdentityMethod, "run", lambda self, problem, initial: Transform([AffineMap(np.full((3, 3), np.nan))]))
+    with pytest.raises(RegistrationFailed, match="non-finite"):
+        register(image, image, RegistrationOptions(method="identity"))

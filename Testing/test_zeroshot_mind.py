@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DinoRegistrationLib import spatial
+from DinoRegistrationLib import geometry, spatial
 from DinoRegistrationLib.errors import Cancelled, InputError
 from DinoRegistrationLib.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
 from DinoRegistrationLib.spatial import voxels_per_axis
@@ -113,7 +113,7 @@ def shifted_pair(shift_ijk=(4.0, -2.0, 2.0), seed=5):
     """Fixed blobs and a moving copy with ``moving(x + t) = fixed(x)``: the true field is t."""
     fixed = blobs(shape=(40, 40, 40), seed=seed, count=30)
     t = torch.tensor(shift_ijk).view(1, 3, 1, 1, 1).expand(1, 3, 40, 40, 40)
-    moving = spatial.warp_with_voxel_displacement(fixed, -t)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-t))
     return fixed, moving, t
 
 
@@ -127,12 +127,65 @@ def test_convex_search_recovers_a_translation():
     assert float(error.median()) < 0.5, float(error.median())
 
 
+def two_motion_pair(shape=(32, 32, 48)):
+    """Fixed blobs; moving = fixed shifted by +2 voxels along i in the left half (i < 20) and by -4
+    in the right half (i >= 28). Returns fixed, moving and a mask of the left part ``(1, 1, K, J, I)``."""
+    fixed = blobs(shape=shape, seed=11, count=60)
+    i = torch.arange(shape[2], dtype=torch.float32)
+    shift = torch.where(i < 24, torch.tensor(2.0), torch.tensor(-4.0)).view(1, 1, 1, -1).expand(1, *shape)
+    field = \
+        torch.stack([shift[0], torch.zeros(shape), torch.zeros(shape)]).unsqueeze(0)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-field))
+    mask = torch.zeros(1, 1, *shape)
+    mask[..., :20] = 1.0
+    return fixed, moving, mask
+
+
+def test_convex_search_follows_the_mask():
+    """Issue 7 bug 7: the search ignored the masks; the content outside the mask must not drive the
+    field there (the other half moves the other way), the content inside it still does."""
+    fixed, moving, mask = two_motion_pair()
+    settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3)
+    f, m = mind_ssc(fixed), mind_ssc(moving)
+    unmasked = convex_search(f, m, settings)
+    masked = convex_search(f, m, settings, mask=mask, moving_mask=mask)
+    left, right = (..., slice(8, 24), slice(8, 24), slice(4, 16)), (..., slice(8, 24), slice(8, 24), slice(34, 44))
+    assert float(unmasked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
+    assert float(unmasked[:, 0][right].median()) < -3.0  # without a mask, the right half's motion is found
+    assert float(masked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
+    assert float(masked[:, 0][right].median()) > -1.0, float(masked[:, 0][right].median())
+
+
+def test_mind_zeroshot_passes_the_masks_to_the_search():
+    fixed, moving, mask = two_motion_pair()
+    volume = Volume.from_array_ras(fixed[0, 0].numpy())
+    params = zeroshot.MindZeroShot().parameters(overrides={"adam_iterations": 0, "working_spacing_mm": 0,
+                                                            "foreground_margin_mm": 0, "search_radius": 3})
+    mask_volume = volume.with_array(mask[0, 0].numpy().astype(np.uint8))
+    problem = RegistrationProblem(volume, volume.with_array(moving[0, 0].numpy()), mask_volume, mask_volume, params=params)
+    result = zeroshot.MindZeroShot().run(problem, Transform())
+    displacement_mm = result.dense.resampled_to(volume.grid).displacement  # LPS: i is -x for from_array_ras
+    right = displacement_mm[8:24, 8:24, 34:44, 0]
+    left = displacement_mm[8:24, 8:24, 4:16, 0]
+    assert float(np.median(-left)) == pytest.approx(2.0, abs=0.5)
+    assert float(np.median(-right)) > -1.0, float(np.median(-right))
+
+
+def test_flat_cost_ties_choose_zero_displacement():
+    """Issue 7 bug 1: in flat background every candidate costs the same; zero must win, not the
+    first candidate (the far corner of the search window)."""
+    flat = torch.zeros(1, 12, 24, 24, 24)
+    settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3, inverse_consistent=False)
+    field = convex_search(flat, flat, settings)
+    assert float(field.abs().max()) == 0.0
+
+
 def test_cost_volume_does_not_depend_on_chunk_size():
     fixed, moving, _ = shifted_pair()
     f, m = mind_ssc(fixed), mind_ssc(moving)
-    geometry = search_geometry(f.shape[2:], ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=2), None)
-    chunked = search_cost_volume(f, m, geometry, chunk_size=7)
-    whole = search_cost_volume(f, m, geometry, chunk_size=10_000)
+    search = search_geometry(f.shape[2:], ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=2), None)
+    chunked = search_cost_volume(f, m, search, chunk_size=7)
+    whole = search_cost_volume(f, m, search, chunk_size=10_000)
     assert chunked.shape == (125, 10, 10, 10)
     assert torch.allclose(chunked, whole, rtol=1e-6, atol=1e-6)
 
@@ -143,7 +196,7 @@ def test_inverse_consistency_makes_forward_and_backward_compose_to_identity():
     backward = smooth_random_field(shape, 1.5, seed=2)  # unrelated: far from the inverse
 
     def residual(f, b):
-        return float(spatial.compose_voxel_displacements(f, b).norm(dim=1).mean())
+        return float(geometry.compose(geometry.from_ijk_channels(f), geometry.from_ijk_channels(b)).norm(dim=1).mean())
 
     before = residual(forward, backward)
     f, b = make_inverse_consistent(forward, backward, iterations=15)
@@ -181,12 +234,12 @@ def test_convex_adam_on_an_anisotropic_grid():
     shape = (16, 40, 40)
     fixed = blobs(shape=shape, seed=8, count=30)
     truth = torch.tensor([4.0, -2.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)  # (di, dj, dk) voxels
-    moving = spatial.warp_with_voxel_displacement(fixed, -truth)
+    moving = geometry.warp(fixed, geometry.from_ijk_channels(-truth))
     spacing = (1.0, 1.0, 3.0)  # (si, sj, sk) mm
     f, m = mind_ssc(fixed, spacing=spacing), mind_ssc(moving, spacing=spacing)
     settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3, adam_iterations=20)
-    geometry = search_geometry(shape, settings, spacing)
-    assert geometry.step == (1, 2, 2) and geometry.grid_spacing == (2, 4, 4)
+    search = search_geometry(shape, settings, spacing)
+    assert search.step == (1, 2, 2) and search.grid_spacing == (2, 4, 4)
     field = convex_adam(f, m, settings, spacing=spacing)
     centre = (slice(None), slice(None), slice(5, 11), slice(12, 28), slice(12, 28))
     assert float((field - truth)[centre].norm(dim=1).median()) < 0.5
@@ -298,9 +351,9 @@ def deformed_brain(brain_scan_2mm):
 
     # moving(y) = fixed(y + v(y)); the field the registration should find is u = v^-1 (fixed -> moving)
     v = smooth_random_field(tuple(image.shape[2:]), 1.6, seed=3)
-    moving = spatial.warp_with_voxel_displacement(image, v)
-    moving_labels = spatial.warp_with_voxel_displacement(labels, v, mode="nearest")
-    truth = spatial.invert_voxel_displacement(v, iterations=20)
+    moving = geometry.warp(image, geometry.from_ijk_channels(v))
+    moving_labels = geometry.warp(labels, geometry.from_ijk_channels(v), mode="nearest")
+    truth = geometry.to_ijk_channels(geometry.invert(geometry.from_ijk_channels(v), iterations=20)[0])
 
     moving_volume = fixed_volume.with_array(moving[0, 0].numpy())
     method = zeroshot.MindZeroShot()
@@ -319,9 +372,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_mind_zeroshot_recovers_a_known_deformation(deformed_brain):
     grid, result, brain = deformed_brain["grid"], deformed_brain["result"], deformed_brain["brain"]
-    assert result.dense is not None and result.dense.grid.same_as(grid)
+    assert result.dense is not None  # on the working grid: resampled onto the fixed grid to compare
     truth_mm = spatial.voxel_displacement_to_physical(deformed_brain["truth"], grid)[0].permute(1, 2, 3, 0).numpy()
-    found_mm = result.dense.displacement
+    found_mm = result.dense.resampled_to(grid).displacement
     applied = np.linalg.norm(truth_mm, axis=-1)[brain].mean()
     error = np.linalg.norm(found_mm - truth_mm, axis=-1)[brain].mean()
     print(f"mean applied displacement {applied:.2f} mm, mean endpoint error {error:.2f} mm")

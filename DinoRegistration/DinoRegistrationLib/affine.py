@@ -56,13 +56,15 @@ def to_mask_image(mask: Volume | None, reference: sitk.Image) -> sitk.Image | No
 
 
 def moments_initialisation(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
-    """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate)."""
+    """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate), as an
+    ``Euler3DTransform`` (some SimpleITK versions return the generic ``Transform`` base class)."""
     try:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
     except RuntimeError:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    return sitk.Euler3DTransform(initial.Downcast() if hasattr(initial, "Downcast") else initial)
 
 
 def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
@@ -81,11 +83,16 @@ def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     return inside / max(1, len(points))
 
 
-def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, iterations: int,
-              settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None],
-              progress: Progress, stage_span: tuple[float, float]) -> sitk.Transform:
-    """One multi-resolution Mattes-MI optimisation of ``transform`` (updated in place and returned)."""
+def metric_method(settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None]) -> sitk.ImageRegistrationMethod:
+    """A registration method with the Mattes-MI metric of the affine stage.
+
+    One thread: ITK's multi-threaded metric sums its per-thread histograms in an order that
+    varies between runs, so identical inputs gave slightly different transforms (NCC differing
+    in the third decimal). At the affine stage's 3 mm working resolution one thread costs about
+    the same CPU time and makes the result reproducible.
+    """
     method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(1)
     method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
@@ -94,6 +101,22 @@ def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     if masks[1] is not None:
         method.SetMetricMovingMask(masks[1])
     method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def metric_value(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, settings: AffineSettings,
+                 masks: tuple[sitk.Image | None, sitk.Image | None]) -> float:
+    """Mattes MI (negative: lower is better) of ``transform`` at full working resolution."""
+    method = metric_method(settings, masks)
+    method.SetInitialTransform(transform, inPlace=False)
+    return float(method.MetricEvaluate(fixed, moving))
+
+
+def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, iterations: int,
+              settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None],
+              progress: Progress, stage_span: tuple[float, float]) -> sitk.Transform:
+    """One multi-resolution Mattes-MI optimisation of ``transform`` (updated in place and returned)."""
+    method = metric_method(settings, masks)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
@@ -133,17 +156,26 @@ def affine_registration(fixed: Volume, moving: Volume, progress: Progress, setti
     moving_image = to_float_image(moving, settings.working_spacing_mm)
     masks = (to_mask_image(fixed_mask, fixed_image), to_mask_image(moving_mask, moving_image))
     rigid = moments_initialisation(fixed_image, moving_image)
+    initial = sitk.Euler3DTransform(rigid)
     if overlap_fraction(fixed_image, moving_image, rigid) < settings.min_overlap_fraction:
         raise RegistrationFailed("fixed and moving do not overlap after initialisation: check that both images show "
                                  "the same anatomy and have correct headers (origin, direction)")
     rigid = run_stage(fixed_image, moving_image, rigid, settings.rigid_iterations, settings, masks, progress, (0.0, 0.5))
     if rigid_only:
+        if metric_value(fixed_image, moving_image, initial, settings, masks) <= metric_value(fixed_image, moving_image, rigid,
+                                                                                             settings, masks):
+            rigid = initial
         return Transform([sitk_part_to_step(rigid)])
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     affine = run_stage(fixed_image, moving_image, affine, settings.affine_iterations, settings, masks, progress, (0.5, 1.0))
+    # The optimiser's first, full-size steps leave the optimum when the start is already there
+    # (a volume registered to itself); keep the start when the result is not better than it.
+    if metric_value(fixed_image, moving_image, initial, settings, masks) <= metric_value(fixed_image, moving_image, affine,
+                                                                                         settings, masks):
+        affine = initial
     step = sitk_part_to_step(affine)
     if not isinstance(step, AffineMap) or np.linalg.det(step.matrix) <= 0.05:
         raise RegistrationFailed("affine alignment collapsed (near-zero or negative determinant): check the inputs' "

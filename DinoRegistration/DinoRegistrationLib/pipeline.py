@@ -7,7 +7,6 @@ Stages: affine pre-alignment -> the method (deformable or not) -> inverse -> der
 from __future__ import annotations
 
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +18,10 @@ from . import __version__, metrics
 from .affine import AffineSettings, affine_registration
 from .intensity import foreground, normalise, robust_range
 from .methods.base import Method, RegistrationProblem, get_method, registry
+from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
-from .transforms import Transform, jacobian_determinant, warp_volume
+from .transforms import DenseField, Transform, jacobian_determinant, warp_volume
 from .volume import Volume
 
 #: methods tried in order by ``method='auto'``: the best one that can run here wins
@@ -108,6 +108,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     options = options or RegistrationOptions()
     progress = progress or Progress()
     started = time.perf_counter()
+    check_inputs_finite({"fixed image": fixed, "moving image": moving, "fixed mask": fixed_mask,
+                         "moving mask": moving_mask, "moving label map": moving_labels, "fixed label map": fixed_labels})
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -122,6 +124,7 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         progress.stage("affine")
         initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
     transform = method.run(problem, initial)
+    check_transform_finite(transform, method_name)
 
     progress.stage("warping")
     warped = warp_volume(moving, transform, fixed.grid, "linear", device)
@@ -129,10 +132,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     warped_labels = warp_volume(moving_labels, transform, fixed.grid, "nearest", device) if moving_labels is not None else None
     progress.update(1.0)
 
-    inverse = None
+    inverse, inverse_residual = None, None
     if options.compute_inverse:
         progress.stage("inverse")
-        inverse = transform.inverse()
+        inverse, inverse_residual = transform.inverse_with_residual()
     jacobian = None
     if options.compute_jacobian:
         progress.stage("jacobian")
@@ -142,11 +145,43 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     progress.finish()
     report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
                           warped, moving_on_fixed_grid, fixed_mask, jacobian, transform)
+    if inverse_residual is not None:
+        report["inverse_residual_voxels_p99"] = round(inverse_residual, 4)
     if fixed_labels is not None and moving_labels is not None:
         unregistered_labels = warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
+
+
+def check_inputs_finite(volumes: dict[str, Volume | None]) -> None:
+    """Refuse NaN/inf voxels with a one-line ``InputError`` (issue 7 bug 3).
+
+    Non-finite voxels are refused rather than guessed at: a NaN slice usually means a broken
+    conversion, and silently filling it would register something else than the user's image.
+    The check is here, not only in the file readers, so API, benchmark and training callers are
+    protected too.
+    """
+    from .errors import InputError
+
+    for role, volume in volumes.items():
+        if volume is None or volume.array.dtype.kind != "f":
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        if bad:
+            raise InputError(f"{role} contains {bad} NaN/inf voxels: replace them (e.g. with the image minimum) "
+                             "before registering, and pass a mask if those voxels hold no anatomy")
+
+
+def check_transform_finite(transform: Transform, method_name: str) -> None:
+    """Never hand out (or write) a transform with NaN/inf values."""
+    from .errors import RegistrationFailed
+
+    for step in transform.steps:
+        values = step.displacement if isinstance(step, DenseField) else step.homogeneous
+        if not np.isfinite(values).all():
+            raise RegistrationFailed(f"method {method_name} produced a non-finite transform: nothing was written; "
+                                     "retry with --preset fast or a larger regularisation")
 
 
 def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:
@@ -194,7 +229,7 @@ def build_report(method_name: str, options: RegistrationOptions, params: dict[st
         "device": device_description(device),
         "seconds_per_stage": {k: round(v, 3) for k, v in progress.stage_seconds.items()},
         "seconds_total": round(time.perf_counter() - started, 3),
-        "peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_ram_mb": round(peak_rss_mb() or 0.0, 1) or None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "similarity_before": similarity(fixed, moving_on_fixed_grid, moving, mask),
         "similarity_after": similarity(fixed, warped, moving, mask),

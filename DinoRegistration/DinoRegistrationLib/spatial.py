@@ -1,5 +1,8 @@
-"""Torch spatial operations: sampling a volume at physical points, voxel <-> normalised units,
-scaling-and-squaring, warping of voxel-unit fields.
+"""Torch spatial operations in physical space: sampling a volume at physical points, voxel <->
+physical displacements, the grid's voxel-centre points.
+
+Operations on voxel displacement fields themselves (warp, compose, scaling and squaring, inverse,
+Jacobian, penalties) live in ``geometry/``, their single home.
 
 Two unit systems appear here:
 - physical LPS millimetres (used by ``transforms.py`` and every exported file);
@@ -31,59 +34,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
         raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
     return torch.device(name)
-
-
-def identity_grid_normalised(shape_kji: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """grid_sample grid of the identity, shape ``(1, K, J, I, 3)``, last axis (x=i, y=j, z=k)."""
-    axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape_kji]
-    k, j, i = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack([i, j, k], dim=-1).unsqueeze(0)
-
-
-def voxel_to_normalised_scale(shape_kji: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Factors (for i, j, k) turning voxel displacements into normalised grid_sample units."""
-    sizes = torch.tensor([shape_kji[2], shape_kji[1], shape_kji[0]], dtype=torch.float32, device=device)
-    return 2.0 / torch.clamp(sizes - 1.0, min=1.0)
-
-
-def warp_with_voxel_displacement(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
-                                 padding_mode: str = "border") -> torch.Tensor:
-    """Resample ``image (N, C, K, J, I)`` at ``x + displacement(x)``.
-
-    ``displacement`` is ``(N, 3, K, J, I)`` in voxels of the image's own grid, channels (di, dj, dk).
-    ``mode='bilinear'`` is trilinear in 3D; use ``'nearest'`` for label maps.
-    """
-    shape = tuple(displacement.shape[2:])
-    scale = voxel_to_normalised_scale(shape, displacement.device)
-    grid = identity_grid_normalised(shape, displacement.device) + displacement.permute(0, 2, 3, 4, 1) * scale
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
-def compose_voxel_displacements(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``x -> y + second(y)`` with ``y = x + first(x)`` (first applied first)."""
-    return first + warp_with_voxel_displacement(second, first)
-
-
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring: exp(v) of a stationary velocity field in voxel units.
-
-    Returns a displacement in the same units; the result is diffeomorphic for smooth ``v``.
-    """
-    displacement = velocity / (2.0 ** steps)
-    for _ in range(steps):
-        displacement = compose_voxel_displacements(displacement, displacement)
-    return displacement
-
-
-def invert_voxel_displacement(displacement: torch.Tensor, iterations: int = 30) -> torch.Tensor:
-    """Numerical inverse ``v`` with ``x + v(x) + u(x + v(x)) = x`` by fixed-point iteration.
-
-    Converges for fields whose Jacobian is positive (no folding); ``u`` in voxels (N, 3, K, J, I).
-    """
-    inverse = -displacement.clone()
-    for _ in range(iterations):
-        inverse = -warp_with_voxel_displacement(displacement, inverse)
-    return inverse
 
 
 def voxel_displacement_to_physical(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -131,7 +81,8 @@ def sample_at_points(image: torch.Tensor, grid: Grid, points: torch.Tensor, mode
     """
     normalised = physical_to_normalised(points.to(image.dtype), grid).unsqueeze(0)
     values = F.grid_sample(image, normalised, mode=mode, padding_mode="border", align_corners=True)
-    half_voxel = voxel_to_normalised_scale(grid.shape, points.device) / 2.0
+    sizes = torch.tensor(grid.size, dtype=torch.float32, device=points.device)  # (i, j, k): grid_sample's x, y, z
+    half_voxel = 1.0 / torch.clamp(sizes - 1.0, min=1.0)
     inside = (normalised.abs() <= 1.0 + half_voxel + 1e-6).all(dim=-1)
     return values * inside.unsqueeze(1).to(values.dtype)
 
@@ -147,10 +98,3 @@ def voxels_per_axis(value: int, spacing, minimum: int = 1) -> tuple[int, int, in
     si, sj, sk = (float(s) for s in spacing)
     finest = min(si, sj, sk)
     return tuple(max(minimum, int(round(value * finest / s))) for s in (sk, sj, si))  # type: ignore[return-value]
-
-
-def resize_field(field: torch.Tensor, shape_kji: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear resize of any (N, C, K, J, I) tensor to a new grid shape (corners aligned)."""
-    if tuple(field.shape[2:]) == tuple(shape_kji):
-        return field
-    return F.interpolate(field, size=tuple(shape_kji), mode="trilinear", align_corners=True)

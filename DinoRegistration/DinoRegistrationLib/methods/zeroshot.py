@@ -47,9 +47,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "inverse_consistent": True,
     # Adam instance optimisation
     "adam_level": 2,                    # the optimised field lives on every 2nd working voxel
-    "adam_iterations": 40,
+    "adam_iterations": 30,              # with the decaying step, 40 gave the same Dice and smoothness on real brains
     "adam_learning_rate": 1.0,
-    "regularisation": 0.5,              # diffusion weight (features have unit total variance)
+    "regularisation": 0.25,             # diffusion weight per lattice cell (features have unit total variance)
     "smoothing_passes": 1,              # 3x3x3 box filters of the field per iteration
     "diffeomorphic": True,              # stationary velocity + scaling and squaring: no folding
     "integration_steps": 4,
@@ -70,6 +70,7 @@ DINO_DEFAULTS: dict[str, Any] = {
     "pca_channels": 24,          # joint PCA of fixed + moving tokens
     "batch_size": 0,             # slices per forward pass; 0 = auto
     "precision": "auto",         # "auto" | "fp32" | "fp16" | "bf16"
+    "ct_window": "-1000,1000",   # HU window "low,high" mapped to grey for CT-looking images (MR: percentiles)
 }
 
 STAGE_DINO = "dino features"  # reported by features/dino itself
@@ -79,12 +80,15 @@ DINO_STAGE_WEIGHTS = {**STAGE_WEIGHTS, STAGE_DINO: 20.0}
 # Presets overlay the defaults. 'brain-mr' is the tuned default itself (the defaults were tuned on brain MR).
 BRAIN_MR: dict[str, Any] = {}
 ACCURATE: dict[str, Any] = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_iterations": 30}
-BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 1.0}
-FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 30}
+BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5}
+#: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
+BODY_CT_DINO: dict[str, Any] = {**BODY_CT, "ct_window": "-150,250"}
+FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 20}
 
 
 def _presets(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {"default": dict(defaults), "brain-mr": dict(BRAIN_MR), "body-ct": dict(BODY_CT), "fast": dict(FAST),
+    body_ct = BODY_CT_DINO if "ct_window" in defaults else BODY_CT
+    return {"default": dict(defaults), "brain-mr": dict(BRAIN_MR), "body-ct": dict(body_ct), "fast": dict(FAST),
             "accurate": dict(ACCURATE)}
 
 
@@ -110,17 +114,32 @@ class ZeroShotMethod(Method):
         with torch.no_grad():
             pair = prepare_working_pair(problem, initial, spacing_mm)
             low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
-            fixed = robust_normalise(pair.fixed, pair.fixed_mask, low, high)
-            moving = robust_normalise(pair.moving, pair.moving_mask, low, high)
-            foreground = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, float(params["foreground_margin_mm"]))
+            fixed_region, moving_region = normalisation_masks(pair)
+            fixed = robust_normalise(pair.fixed, fixed_region, low, high)
+            moving = robust_normalise(pair.moving, moving_region, low, high)
+            margin_mm = float(params["foreground_margin_mm"])
+            foreground = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, margin_mm)
+            moving_foreground = foreground_region(pair.moving, pair.moving_mask, pair.grid.spacing, margin_mm)
             progress.stage(STAGE_FEATURES)
             fixed_features, moving_features = self.features(pair, fixed, moving, foreground, params, problem)
             del fixed, moving
         displacement = convex_adam(fixed_features, moving_features, settings, spacing=pair.grid.spacing,
-                                   mask=foreground, progress=progress)
+                                   mask=foreground, progress=progress, moving_mask=moving_foreground)
         del fixed_features, moving_features
         progress.stage(STAGE_OUTPUT)
         return dense_result(displacement, pair, problem, initial)
+
+
+def normalisation_masks(pair: WorkingPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The regions whose percentiles normalise each image: ONE rule for both images.
+
+    Both masks when both images have one; otherwise neither (each image's voxels above its
+    minimum): a mask on one image only would clip that image inside its mask and the other over
+    its whole foreground, so the same tissue would get different grey values.
+    """
+    if pair.fixed_mask is not None and pair.moving_mask is not None:
+        return pair.fixed_mask, pair.moving_mask
+    return None, None
 
 
 def foreground_region(fixed: torch.Tensor, fixed_mask: torch.Tensor | None, spacing: Any, margin_mm: float) -> torch.Tensor:

@@ -23,22 +23,25 @@ consistent (each is pushed towards minus the other, composed).
 Stage 2, instance optimisation: the field is refined with Adam on a lattice of every
 ``adam_level``-th voxel (features averaged over the lattice cells). Each iteration smooths the
 optimised field (``smoothing_passes`` 3x3x3 box filters), optionally integrates it as a stationary
-velocity (scaling and squaring: diffeomorphic), warps the moving features and minimises
-mean SSD + ``regularisation`` * diffusion (mean squared spatial gradient of the displacement,
-dimensionless: mm per mm). The result is interpolated back to the working grid.
+velocity (scaling and squaring: diffeomorphic), warps the moving features and minimises the
+feature SSD summed over the masked lattice cells + ``regularisation`` * the diffusion energy
+(squared spatial gradient of the displacement, mm per mm) summed over all cells. Adam's learning
+rate decays (cosine) so the last steps settle. The result is interpolated back to the working grid.
+Field operations (warp, scaling and squaring, diffusion gradient) come from ``geometry/``.
 
 All displacements inside this module are in working-grid voxels unless a name says otherwise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .. import spatial
+from .. import geometry
 from ..spatial import voxels_per_axis
 from ..errors import InputError
 from ..progress import Progress
@@ -175,6 +178,9 @@ def _channels_ijk(per_axis_kji: Sequence[float], device: torch.device) -> torch.
                         device=device).view(1, 3, 1, 1, 1)
 
 
+#: cost added per squared candidate length (in steps; costs have mean 1), to break ties towards zero
+TIE_BREAK = 1e-4
+
 # ----------------------------------------------------------------------------------------------
 # Stage 1: convex discrete search
 # ----------------------------------------------------------------------------------------------
@@ -216,15 +222,22 @@ def search_geometry(shape: Sequence[int], settings: ConvexAdamSettings, spacing:
 
 def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: SearchGeometry,
                        chunk_size: int = 64, smoothing_passes: int = 1, progress: Progress | None = None,
-                       progress_span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+                       progress_span: tuple[float, float] = (0.0, 1.0),
+                       source_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cost of every candidate displacement at every control point: ``(D, Kc, Jc, Ic)``.
 
     ``cost[d, c] = sum_channels (source_block(c) - target_block(c + candidate_d))^2`` where blocks
     are ``grid_spacing`` wide feature means (``source`` = the image the field is defined on); each
     candidate's cost map is then smoothed over neighbouring control points. Candidates are processed
     ``chunk_size`` at a time, so temporary memory is about ``chunk_size * channels * control points``
-    floats; the result does not depend on the chunk size. Costs are normalised to mean 1. Target
-    blocks that leave the image see replicated border features.
+    floats; the result does not depend on the chunk size. Costs are normalised to mean 1 over the
+    control points that have data. Target blocks that leave the image see replicated border features.
+
+    ``source_mask (1, 1, K, J, I)`` (on the source's grid, > 0.5 inside): each control point's cost
+    is weighted by the fraction of its block inside the mask, so the field outside the mask is
+    decided by the coupling (its neighbours inside), not by the image there. Finally
+    :data:`TIE_BREAK` * |candidate|^2 (steps) is added: where every candidate costs the same (flat
+    background, outside the mask) zero displacement wins, not the first candidate (a far corner).
     """
     g, s, r = geometry.grid_spacing, geometry.step, geometry.radius
     kc, jc, ic = geometry.control_shape
@@ -261,9 +274,16 @@ def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: Sea
         cost[c0:c1] = _box3(chunk.view(1, c1 - c0, kc, jc, ic), smoothing_passes)[0]
         if progress is not None:
             progress.update(start + (end - start) * c1 / count)
-    mean = float(cost.mean())
+    if source_mask is not None:
+        weight = block_mean((source_mask > 0.5).float(), g)[0, 0, :kc, :jc, :ic]
+        cost *= weight
+        has_data = weight > 0
+        mean = float(cost[:, has_data].mean()) if bool(has_data.any()) else 0.0
+    else:
+        mean = float(cost.mean())
     if mean > 0:
         cost /= mean
+    cost += TIE_BREAK * candidates.float().square().sum(dim=1).view(-1, 1, 1, 1)
     return cost
 
 
@@ -309,15 +329,22 @@ def make_inverse_consistent(forward: torch.Tensor, backward: torch.Tensor,
     """
     for _ in range(iterations):
         f_old, b_old = forward, backward
-        forward = 0.5 * (f_old - spatial.warp_with_voxel_displacement(b_old, f_old))
-        backward = 0.5 * (b_old - spatial.warp_with_voxel_displacement(f_old, b_old))
+        # geometry.warp wants the displacement in its (dk, dj, di) channel order; the warped
+        # fields keep theirs
+        forward = 0.5 * (f_old - geometry.warp(b_old, geometry.from_ijk_channels(f_old)))
+        backward = 0.5 * (b_old - geometry.warp(f_old, geometry.from_ijk_channels(b_old)))
     return forward, backward
 
 
 def convex_search(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings,
-                  spacing: Sequence[float] | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Stage 1 on its own: voxel displacement ``(1, 3, K, J, I)`` on the working grid (di, dj, dk)."""
-    field, geometry = _convex_search_control(fixed, moving, settings, spacing, progress)
+                  spacing: Sequence[float] | None = None, progress: Progress | None = None,
+                  mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1 on its own: voxel displacement ``(1, 3, K, J, I)`` on the working grid (di, dj, dk).
+
+    ``mask`` / ``moving_mask``: where the fixed / moving image's content drives the forward /
+    backward search (see :func:`search_cost_volume`); None = everywhere.
+    """
+    field, geometry = _convex_search_control(fixed, moving, settings, spacing, progress, mask, moving_mask)
     return control_to_grid(field, geometry)
 
 
@@ -328,7 +355,9 @@ def control_to_grid(field: torch.Tensor, geometry: SearchGeometry) -> torch.Tens
 
 
 def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings,
-                           spacing: Sequence[float] | None, progress: Progress | None) -> tuple[torch.Tensor, SearchGeometry]:
+                           spacing: Sequence[float] | None, progress: Progress | None,
+                           mask: torch.Tensor | None = None,
+                           moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SearchGeometry]:
     geometry = search_geometry(fixed.shape[2:], settings, spacing)
     count = (2 * geometry.radius + 1) ** 3
     megabytes = count * torch.Size(geometry.control_shape).numel() * 4 / 2 ** 20
@@ -338,13 +367,13 @@ def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: 
     directions = 2 if settings.inverse_consistent else 1
     with torch.no_grad():
         cost = search_cost_volume(fixed, moving, geometry, settings.chunk_size, settings.cost_smoothing_passes,
-                                  progress, (0.0, 0.9 if directions == 1 else 0.45))
+                                  progress, (0.0, 0.9 if directions == 1 else 0.45), mask)
         forward = coupled_convex(cost, geometry, settings.coupling_weights)
         del cost
         if not settings.inverse_consistent:
             return forward, geometry
         cost = search_cost_volume(moving, fixed, geometry, settings.chunk_size, settings.cost_smoothing_passes,
-                                  progress, (0.45, 0.9))
+                                  progress, (0.45, 0.9), moving_mask)
         backward = coupled_convex(cost, geometry, settings.coupling_weights)
         del cost
         to_control = _channels_ijk(geometry.grid_spacing, fixed.device)
@@ -358,46 +387,35 @@ def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: 
 # Stage 2: Adam instance optimisation
 # ----------------------------------------------------------------------------------------------
 
-def _axis_weights(voxel_mm: Sequence[float], displacement: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Channel factors to mm and per-axis 1/size^2 (k, j, i) used by the diffusion terms."""
-    to_mm = _channels_ijk(voxel_mm, displacement.device)
-    return to_mm, [1.0 / float(size) ** 2 for size in voxel_mm]
+def diffusion_sum_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float]) -> torch.Tensor:
+    """Gradient of the diffusion energy SUMMED over lattice cells (mm per mm, dimensionless).
 
-
-def diffusion_energy(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Diffusion regulariser: sum over axes of the mean squared forward difference (dimensionless).
-
-    ``displacement (1, 3, K, J, I)`` has channels (di, dj, dk) in lattice voxels whose size is
-    ``voxel_mm`` (k, j, i); derivatives are mm per mm, so the value is comparable between
-    isotropic and anisotropic lattices. :func:`diffusion_gradient` is its exact gradient.
+    ``displacement (1, 3, K, J, I)`` channels (di, dj, dk) in lattice voxels of ``voxel_mm``
+    (k, j, i). A sum over cells, like the data term of :func:`instance_optimisation` (a sum over
+    the masked cells), so their ratio, hence the effective regularisation, does not depend on how
+    much background the field of view holds. From ``geometry.diffusion_gradient`` (a mean over
+    the 3 channels and the cells): times 3 x cells (exact up to the (n-1)/n of each axis).
     """
-    to_mm, weights = _axis_weights(voxel_mm, displacement)
-    mm = displacement * to_mm
-    energy = displacement.new_zeros(())
-    for axis, weight in zip((2, 3, 4), weights):
-        n = displacement.shape[axis]
-        if n > 1:
-            energy = energy + weight * (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).square().mean()
-    return energy
+    mean_gradient = geometry.diffusion_gradient(geometry.from_ijk_channels(displacement), voxel_mm)
+    cells = displacement[0, 0].numel()
+    return geometry.to_ijk_channels(mean_gradient) * (3.0 * cells)
 
 
-def diffusion_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
-    """Gradient of :func:`diffusion_energy` with respect to ``displacement``, computed directly.
+#: Adam's epsilon in the units of the summed loss's gradient (per lattice cell: twice the feature
+#: residual times the feature gradient, features at unit total variance). Gradients well below it,
+#: such as float rounding at an exact optimum, give proportionally small steps instead of Adam's
+#: normalised full steps: without it, identical images dithered by about a lattice voxel.
+ADAM_EPSILON = 0.1
+#: the learning rate decays (cosine) from ``adam_learning_rate`` to this fraction of it, so the
+#: last iterations settle instead of oscillating around the optimum with full-size steps
+FINAL_LEARNING_RATE_FRACTION = 0.05
 
-    A negative discrete Laplacian (Neumann borders): far cheaper on the CPU than autograd
-    through slices, which is why the Adam loop uses it.
-    """
-    to_mm, weights = _axis_weights(voxel_mm, displacement)
-    mm = displacement * to_mm
-    gradient = torch.zeros_like(displacement)
-    for axis, weight in zip((2, 3, 4), weights):
-        n = displacement.shape[axis]
-        if n > 1:
-            count = mm.numel() // n * (n - 1)
-            difference = (mm.narrow(axis, 1, n - 1) - mm.narrow(axis, 0, n - 1)).mul_(2.0 * weight / count)
-            gradient.narrow(axis, 1, n - 1).add_(difference)
-            gradient.narrow(axis, 0, n - 1).sub_(difference)
-    return gradient * to_mm
+
+def learning_rate_at(iteration: int, iterations: int, learning_rate: float) -> float:
+    """Cosine decay from ``learning_rate`` (iteration 0) to FINAL_LEARNING_RATE_FRACTION of it (last)."""
+    progress = iteration / max(1, iterations - 1)
+    floor = FINAL_LEARNING_RATE_FRACTION
+    return learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, settings: ConvexAdamSettings,
@@ -405,8 +423,10 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
                           progress: Progress | None = None) -> torch.Tensor:
     """Stage 2 on its own: refine ``initial (1, 3, K, J, I)`` (voxels) with Adam; returns the same form.
 
-    ``mask (1, 1, K, J, I)`` restricts the data term to the lattice cells that touch it (e.g. the
-    dilated fixed foreground), which saves time; the regulariser acts everywhere.
+    Minimises ``sum over masked cells of the feature SSD + regularisation * diffusion energy``
+    (both sums over lattice cells, see :func:`diffusion_sum_gradient`). ``mask (1, 1, K, J, I)``
+    restricts the data term to the lattice cells that touch it (e.g. the dilated fixed
+    foreground), which also saves time; the regulariser acts everywhere.
     """
     shape = tuple(fixed.shape[2:])
     level = voxels_per_axis(settings.adam_level, spacing)
@@ -428,21 +448,26 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         else:
             points = torch.arange(fixed_lattice[0, 0].numel(), device=device)
         fixed_points = fixed_lattice.reshape(channels, -1)[:, points]
-        base = spatial.identity_grid_normalised(lattice_shape, device).reshape(-1, 3)[points]
-        scale = spatial.voxel_to_normalised_scale(lattice_shape, device)
+        # the lattice's own voxel positions in grid_sample units, exactly (no linspace rounding)
+        sizes_ijk = torch.tensor(lattice_shape[::-1], dtype=torch.float32, device=device)
+        scale = 2.0 / torch.clamp(sizes_ijk - 1.0, min=1.0)  # one lattice voxel in grid_sample units (x=i, y=j, z=k)
+        base = _lattice_index(lattice_shape, device).reshape(-1, 3)[points] * scale - 1.0
     if settings.adam_iterations == 0 or points.numel() == 0:
         return initial
     parameter = start.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([parameter], lr=settings.adam_learning_rate, foreach=False)
+    optimiser = torch.optim.Adam([parameter], lr=settings.adam_learning_rate, eps=ADAM_EPSILON, foreach=False)
 
     def field_of(param: torch.Tensor) -> torch.Tensor:
         smooth = _box3(param, settings.smoothing_passes)
         if settings.diffeomorphic:
-            return spatial.integrate_velocity(smooth, settings.integration_steps)
+            return geometry.to_ijk_channels(geometry.integrate_velocity(geometry.from_ijk_channels(smooth),
+                                                                         settings.integration_steps))
         return smooth
 
     count = points.numel()
     for iteration in range(settings.adam_iterations):
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate_at(iteration, settings.adam_iterations, settings.adam_learning_rate)
         optimiser.zero_grad(set_to_none=True)
         displacement = field_of(parameter)
         # data term by autograd up to the displacement; the regulariser's gradient is added directly
@@ -450,11 +475,11 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         moved = current.reshape(3, -1).t().index_select(0, points)  # (N, 3) lattice voxels
         grid = torch.addcmul(base, moved, scale).view(1, 1, 1, count, 3)
         sampled = F.grid_sample(moving_lattice, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        data = F.mse_loss(sampled.view(channels, count), fixed_points, reduction="sum") / count
+        data = F.mse_loss(sampled.view(channels, count), fixed_points, reduction="sum")
         data.backward()
         gradient = current.grad
         if settings.regularisation > 0:
-            gradient = gradient.add_(diffusion_gradient(current.detach(), voxel_mm), alpha=settings.regularisation)
+            gradient = gradient.add_(diffusion_sum_gradient(current.detach(), voxel_mm), alpha=settings.regularisation)
         displacement.backward(gradient)
         optimiser.step()
         if progress is not None:
@@ -464,9 +489,15 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         return resample_lattice(lattice_field, level, offset, shape, (1, 1, 1), (0, 0, 0))
 
 
+def _lattice_index(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Voxel index of every lattice cell, ``(K, J, I, 3)`` in channel order (i, j, k), float32."""
+    k, j, i = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in shape), indexing="ij")
+    return torch.stack([i, j, k], dim=-1)
+
+
 def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings | None = None,
                 spacing: Sequence[float] | None = None, mask: torch.Tensor | None = None,
-                progress: Progress | None = None) -> torch.Tensor:
+                progress: Progress | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Register feature volumes: returns the voxel displacement ``(1, 3, K, J, I)`` (di, dj, dk).
 
     Args:
@@ -475,12 +506,13 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamS
             default ``regularisation`` assumes.
         settings: parameters (defaults when None).
         spacing: working grid spacing (si, sj, sk) in mm, for anisotropic grids; None = isotropic.
-        mask: optional ``(1, 1, K, J, I)`` region of the fixed grid where the data term of the
-            Adam stage is evaluated (dilated foreground); None = everywhere.
+        mask: optional ``(1, 1, K, J, I)`` region of the fixed grid where the data terms of the
+            search and of the Adam stage are evaluated (dilated foreground); None = everywhere.
+        moving_mask: the same for the moving image (the backward search of ``inverse_consistent``).
         progress: reports the stages :data:`STAGE_SEARCH` and :data:`STAGE_ADAM` and checks cancel.
 
     The field maps fixed voxels to moving voxels: ``moving`` resampled at ``x + u(x)``
-    (:func:`spatial.warp_with_voxel_displacement`) matches ``fixed``.
+    (``geometry.warp`` with the channels flipped to its order) matches ``fixed``.
     """
     settings = settings or ConvexAdamSettings()
     settings.validate()
@@ -491,7 +523,7 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamS
     if progress is not None:
         progress.stage(STAGE_SEARCH)
     if settings.search_radius > 0:
-        control, geometry = _convex_search_control(fixed, moving, settings, spacing, progress)
+        control, geometry = _convex_search_control(fixed, moving, settings, spacing, progress, mask, moving_mask)
         displacement = control_to_grid(control, geometry)
     else:
         displacement = fixed.new_zeros((1, 3, *fixed.shape[2:]))

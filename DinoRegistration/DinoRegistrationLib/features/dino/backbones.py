@@ -101,10 +101,46 @@ def _load_uncached(source: ModelSource, device: torch.device) -> Backbone:
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"cannot load DINO model from {source.location}: {one_line(error, 160)}; the file may be "
-                         f"truncated or corrupted: delete it and fetch it again ({DOWNLOAD_COMMAND} "
-                         f"{source.fetch_name})") from None
+        raise InputError(load_failure_message(error, source)) from None
     return _wrap(model, source.location, device)
+
+
+#: substrings of errors raised by readers of damaged files (safetensors, torch.load, zip, pickle)
+_DAMAGED_FILE_SIGNS = ("deserializ", "header", "unexpected end", "eof", "truncat", "corrupt", "zip", "unpickl",
+                       "invalid load key", "incomplete", "magic number", "failed to read", "safetensor")
+
+
+def transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:
+        return "not installed"
+
+
+def load_failure_message(error: BaseException, source: ModelSource) -> str:
+    """One line saying what really failed when a backbone does not load, and the fix for that cause
+    (only a damaged file is worth deleting and downloading again)."""
+    what = f"cannot load the DINO model from {source.location}"
+    detail = one_line(error, 140)
+    text = f"{type(error).__name__}: {error}".lower()
+    if isinstance(error, ImportError):
+        return (f"{what}: the installed transformers ({transformers_version()}) cannot build it ({detail}): "
+                "install transformers>=5 (pip install -U 'transformers>=5')")
+    if "does not recognize this architecture" in text or "unrecognized model" in text or (
+            isinstance(error, (KeyError, ValueError)) and "model_type" in text):
+        return (f"{what}: transformers {transformers_version()} does not know this model type ({detail}): "
+                "install transformers>=5 (pip install -U 'transformers>=5')")
+    if isinstance(error, MemoryError) or "out of memory" in text or "cannot allocate memory" in text:
+        return f"{what}: not enough memory to load it ({detail}): close other programs or use a smaller model"
+    if isinstance(error, PermissionError):
+        return f"{what}: permission denied ({detail}): make the file readable or copy it to a folder you own"
+    if any(sign in text for sign in _DAMAGED_FILE_SIGNS):
+        return (f"{what}: the file is truncated or corrupted ({detail}): delete it and fetch it again "
+                f"({DOWNLOAD_COMMAND} {source.fetch_name})")
+    return (f"{what} ({detail}): check that it is a DINOv2/DINOv3 checkpoint, and with transformers "
+            f"{transformers_version()} installed (transformers>=5 is needed)")
 
 
 def _wrap(model: torch.nn.Module, location: str, device: torch.device) -> Backbone:

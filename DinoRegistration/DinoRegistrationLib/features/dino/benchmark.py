@@ -12,7 +12,6 @@ machine compare the CPU seconds with ``threads x wall`` to see how much of the w
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...peak_memory import peak_rss_mb
 from ...progress import Progress
 from ...volume import Volume
 from .slicewise import dino_feature_pair, effective_settings
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         params["model"] = args.model or params.get("model") or random_vits14_reg4(Path(tmp) / "vits14_reg4")
         settings = effective_settings(params, device)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_before = (peak_rss_mb() or 0.0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (peak_rss_mb() or 0.0)
     print(f"grid {volume.grid.describe()}; settings {settings}")
     print(f"dino features for the pair: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU; output {tuple(fixed_features.shape)}; "
           f"peak RSS {peak:.0f} MB (before features {rss_before:.0f} MB); torch threads {torch.get_num_threads()}")

@@ -44,6 +44,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "pca_channels": 24,
     "batch_size": 0,
     "precision": "auto",
+    "ct_window": "-1000,1000",
 }
 #: concrete values for the 0 (auto) defaults, per device type. CPU: a 160x192x224 brain pair with
 #: ViT-S/14 is 96 slices of 32x27 tokens (~5 TFLOP, well under a minute on 2 idle cores); GPU:
@@ -98,10 +99,23 @@ def effective_settings(params: dict[str, Any], device: torch.device | str) -> Di
         precision = "fp32" if device.type != "cuda" else ("bf16" if bf16 else "fp16")
     if precision not in ("fp32", "fp16", "bf16"):
         raise InputError(f"precision must be auto, fp32, fp16 or bf16, not '{merged['precision']}'")
-    window = merged.get("ct_window")
     return DinoSettings(model=str(merged["model"]), slice_axes=axes, token_mm=token_mm, slice_stride=stride,
                         pca_channels=channels, batch_size=batch, precision=precision,
-                        ct_window=(float(window[0]), float(window[1])) if window else None)
+                        ct_window=parse_ct_window(merged.get("ct_window")))
+
+
+def parse_ct_window(value: Any) -> tuple[float, float] | None:
+    """``"low,high"`` HU (or a pair) -> ``(low, high)``; None/"" = the default window. One-line errors."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        low, high = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise InputError(f"ct_window={value!r} is not 'low,high' in HU: e.g. ct_window=-150,250 (soft tissue)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InputError(f"ct_window={value!r} needs finite low < high (HU): e.g. ct_window=-150,250")
+    return low, high
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +344,8 @@ def prepare_pair(pair: list[tuple[torch.Tensor, torch.Tensor | None]], grid: Gri
                  device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[slice, slice, slice]]:
     """Normalised volumes and foregrounds ``(k, j, i)``, cropped to their joint foreground box."""
     volumes, foregrounds = [], []
+    # one normalisation rule for both images: masks only when both have one (see zeroshot.normalisation_masks)
+    both_masked = all(mask is not None for _, mask in pair)
     for image, mask in pair:
         for tensor in (image, mask) if mask is not None else (image,):
             if tuple(tensor.shape[-3:]) != grid.shape or tensor.numel() != math.prod(grid.shape):
@@ -337,7 +353,7 @@ def prepare_pair(pair: list[tuple[torch.Tensor, torch.Tensor | None]], grid: Gri
                                  f"{grid.shape} (k, j, i)")
         image = image.to(device).reshape(image.shape[-3:])
         mask = mask.to(device).reshape(mask.shape[-3:]) if mask is not None else None
-        normalised = normalise_intensity(image, mask, settings.ct_window)
+        normalised = normalise_intensity(image, mask if both_masked else None, settings.ct_window)
         volumes.append(normalised)
         foregrounds.append(foreground(normalised, mask))
     margins = tuple(int(math.ceil(CROP_MARGIN_TOKENS * settings.token_mm / s)) for s in array_spacing(grid))
