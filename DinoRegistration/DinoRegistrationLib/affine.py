@@ -57,12 +57,13 @@ def to_mask_image(mask: Volume | None, reference: sitk.Image) -> sitk.Image | No
 
 def moments_initialisation(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate)."""
+    # Euler3DTransform(...): SimpleITK 2.2 (pinned by FireANTs) returns the base Transform class here.
     try:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        return sitk.Euler3DTransform(sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                                       sitk.CenteredTransformInitializerFilter.MOMENTS))
     except RuntimeError:
-        return sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        return sitk.Euler3DTransform(sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                                       sitk.CenteredTransformInitializerFilter.GEOMETRY))
 
 
 def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:

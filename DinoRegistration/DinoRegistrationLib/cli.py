@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=command_apply)
 
     add_weights_command(sub)
+    from .cli_batch import add_batch_command
+
+    add_batch_command(sub)
     return parser
 
 
