@@ -127,7 +127,8 @@ def test_bad_tables(tmp_path, capsys, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_table_and_unreachable_scheduler(tmp_path, table):
+def test_missing_table_and_unreachable_scheduler(tmp_path, table, monkeypatch):
+    monkeypatch.setattr("DinoRegistrationLib.batch.SCHEDULER_TIMEOUT", "2s")
     with pytest.raises(InputError, match="does not exist"):
         read_pairs(tmp_path / "nope.csv")
     with pytest.raises(InputError, match="cannot reach the Dask scheduler"):

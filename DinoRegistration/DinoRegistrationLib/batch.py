@@ -34,6 +34,8 @@ from .output_files import OUTPUT_FILES
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels")
 KNOWN_COLUMNS = PATH_COLUMNS + ("method", "preset")
+#: how long to wait for a Dask scheduler before giving up
+SCHEDULER_TIMEOUT = "20s"
 SUMMARY_COLUMNS = ("pair", "status", "reason", "method", "seconds", "ncc_before", "ncc_after", "dice_before",
                    "dice_after", "sdlogj", "percent_nonpositive_jacobian", "peak_ram_mb", "fixed", "moving", "folder")
 
@@ -311,7 +313,7 @@ def run_on_dask(pairs: list[BatchPair], outdir: Path, settings: BatchSettings, s
     except ImportError:
         raise InputError("--scheduler needs Dask distributed: pip install 'dask[distributed]'") from None
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError) as error:
         raise InputError(f"cannot reach the Dask scheduler '{scheduler}' ({one_line(error)}): "
                          "check the address (tcp://host:8786) and that the scheduler runs") from None

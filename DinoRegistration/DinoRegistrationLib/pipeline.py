@@ -21,7 +21,9 @@ from .intensity import foreground, normalise, robust_range
 from .methods.base import Method, RegistrationProblem, get_method, registry
 from .progress import Progress
 from .spatial import resolve_device
+from .errors import RegistrationFailed
 from .transforms import Transform, jacobian_determinant, warp_volume
+from .validation import check_registration_inputs
 from .volume import Volume
 
 #: methods tried in order by ``method='auto'``: the best one that can run here wins
@@ -112,6 +114,7 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     method, params = choose_method(options)
+    check_registration_inputs(fixed, moving, fixed_mask, moving_mask)
     method_name = method.name
     use_affine = options.use_affine and method.uses_affine_stage
     plan_stages(progress, method.stage_weights, options, use_affine)
@@ -120,7 +123,14 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     initial = Transform()
     if use_affine:
         progress.stage("affine")
-        initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
+        try:
+            initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
+        except RuntimeError as error:  # ITK refuses grids too small or too sparse for its pyramid
+            if "ITK ERROR" not in str(error):
+                raise
+            raise RegistrationFailed(f"the affine stage cannot work on these images ({fixed.grid.describe()} and "
+                                     f"{moving.grid.describe()}; ITK: {str(error).strip().splitlines()[-1][:120]}): "
+                                     "for images under about 4 cm across, turn it off (--no-affine)") from None
     transform = method.run(problem, initial)
 
     progress.stage("warping")
