@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,11 +18,11 @@ import torch
 
 from . import __version__, metrics
 from .affine import AffineSettings, affine_registration
+from .errors import RegistrationFailed
 from .intensity import foreground, normalise, robust_range
 from .methods.base import Method, RegistrationProblem, get_method, registry
 from .progress import Progress
 from .spatial import resolve_device
-from .errors import RegistrationFailed
 from .transforms import Transform, jacobian_determinant, warp_volume
 from .validation import check_registration_inputs
 from .volume import Volume
@@ -125,13 +126,13 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         progress.stage("affine")
         try:
             initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
-        except RuntimeError as error:  # ITK refuses grids too small or too sparse for its pyramid
-            if "ITK ERROR" not in str(error):
-                raise
-            raise RegistrationFailed(f"the affine stage cannot work on these images ({fixed.grid.describe()} and "
-                                     f"{moving.grid.describe()}; ITK: {str(error).strip().splitlines()[-1][:120]}): "
-                                     "for images under about 4 cm across, turn it off (--no-affine)") from None
-    transform = method.run(problem, initial)
+        except RuntimeError as error:
+            raise too_small(error, "the affine stage", fixed, "for images under about 4 cm across, turn it off (--no-affine)")
+    try:
+        transform, device = run_with_cpu_fallback(method, problem, initial)
+    except RuntimeError as error:
+        raise too_small(error, f"method {method_name}", fixed, "use larger images or a finer working grid "
+                        "(--param working_spacing_mm=...)")
 
     progress.stage("warping")
     warped = warp_volume(moving, transform, fixed.grid, "linear", device)
@@ -157,6 +158,34 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
+
+
+def too_small(error: RuntimeError, stage: str, fixed: Volume, fix: str) -> Exception:
+    """A one-line ``RegistrationFailed`` when ITK or torch refuse a grid too small for their pyramids
+    or kernels; any other error is returned unchanged (the caller raises it)."""
+    message = str(error)
+    if "ITK ERROR" not in message and "smaller than kernel size" not in message:
+        return error
+    detail = message.strip().splitlines()[-1][:120]
+    return RegistrationFailed(f"{stage} cannot work on images this small ({fixed.grid.describe()}; {detail}): {fix}")
+
+
+def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial: Transform) -> tuple[Transform, torch.device]:
+    """``method.run``; when the GPU runs out of memory, the same run on the CPU (with a warning).
+
+    Returns the transform and the device the rest of the pipeline should use.
+    """
+    try:
+        return method.run(problem, initial), problem.device
+    except torch.cuda.OutOfMemoryError:
+        if problem.device.type != "cuda":
+            raise
+    torch.cuda.empty_cache()
+    warnings.warn(f"{method.name}: out of GPU memory; continuing on the CPU (slower). Use a smaller preset or "
+                  "--device cpu to avoid the retry", RuntimeWarning, stacklevel=2)
+    problem.device = torch.device("cpu")
+    problem.progress.stage(problem.progress.stage_name)
+    return method.run(problem, initial), problem.device
 
 
 def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:
