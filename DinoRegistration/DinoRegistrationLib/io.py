@@ -7,6 +7,7 @@ Every writer writes to a temporary name and renames, so a file appears complete 
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import tempfile
@@ -192,7 +193,15 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteImage(volume.to_sitk(), temporary, compress)
+        try:
+            sitk.WriteImage(volume.to_sitk(), temporary, compress)
+        except RuntimeError as error:  # ITK reports a full disk or a file-size limit this way
+            raise OSError(errno.EIO, f"ITK could not write the file ({str(error).strip().splitlines()[-1][:100]})",
+                          str(path)) from None
+        try:  # ITK's NIfTI writer only prints an error when a write falls short (disk full): check the file
+            check_file_complete(Path(temporary), "written file")
+        except InputError:
+            raise OSError(errno.ENOSPC, "the file was cut short while writing (disk full?)", str(path)) from None
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
