@@ -303,24 +303,42 @@ def evaluate(label: str, pair: Pair, cache: Path, threads: int, device: str, tim
     record_path = cache / "results" / f"{re.sub(r'[^A-Za-z0-9@.-]+', '_', label)}__{key}.json"
     if record_path.exists() and not fresh:
         record = json.loads(record_path.read_text())
-        if record["status"] == "ok":  # failures are retried
+        if record["status"] == "ok" and record.get("scorer_version") == scorer.VERSION:
             return {**record, "reused": True}
-    record = run_one(label, pair, cache / "runs" / record_path.stem, threads, device, timeout)
+        if record["status"] == "ok" and Path(record["transform"]).exists():  # scorer changed: score again
+            record = {key: value for key, value in record.items() if key in RUN_KEYS}
+            return store(score_record(record, pair), record_path, reused=True)
+    record = score_record(run_one(label, pair, cache / "runs" / record_path.stem, threads, device, timeout), pair)
+    record.update(method=label, pair=pair.name, kind=pair.kind, load_average=list(os.getloadavg()),
+                  finished_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return store(record, record_path)
+
+
+RUN_KEYS = ("status", "reason", "transform", "seconds", "peak_ram_mb", "peak_gpu_mb", "process_seconds", "method",
+            "pair", "kind", "load_average", "finished_utc")
+
+
+def score_record(record: dict[str, Any], pair: Pair) -> dict[str, Any]:
+    """The scorer's numbers added to a successful run's record."""
     if record["status"] == "ok":
         try:
             landmarks = np.load(pair.landmarks) if pair.landmarks else None
             record.update(scorer.score(record["transform"], pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels,
                                        pair.labels, landmarks["fixed_points"] if landmarks is not None else None,
                                        landmarks["moving_points"] if landmarks is not None else None))
+            record["scorer_version"] = scorer.VERSION
         except Exception as error:
             record.update(status="failed", reason=f"scoring failed: {type(error).__name__}: {error}")
-    record.update(method=label, pair=pair.name, kind=pair.kind, load_average=list(os.getloadavg()),
-                  finished_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return record
+
+
+def store(record: dict[str, Any], record_path: Path, reused: bool = False) -> dict[str, Any]:
+    """Write the record atomically (a result appears complete or not at all: safe to resume)."""
     record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = record_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, default=str))
-    os.replace(temporary, record_path)  # a result appears complete or not at all: safe to resume
-    return record
+    os.replace(temporary, record_path)
+    return {**record, "reused": reused}
 
 
 # ---------------------------------------------------------------------------------------------- report

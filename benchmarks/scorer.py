@@ -25,6 +25,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 BORDER = 2
+#: bump when a metric changes: cached results of compare.py are then re-scored from their transforms
+VERSION = 2
 
 
 def read_transform(path: str) -> sitk.Transform:
