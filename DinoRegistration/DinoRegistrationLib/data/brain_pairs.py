@@ -4,8 +4,9 @@ Each sample takes two label maps (two subjects, or one subject twice), deforms e
 small affine plus a random diffeomorphism, then synthesises an image from each deformed label map
 with the tissue table of :mod:`.synthesis` (the benchmark's generator) with wider random jitter,
 or (with probability ``random_contrast``) fully random per-tissue intensities, so the network
-learns anatomy rather than one contrast. Training loss: Dice between the warped moving labels and
-the fixed labels (31 evaluation structures) plus an image similarity.
+learns anatomy rather than one contrast. Label maps come as FreeSurfer ids (DICE_LABELS, 0 elsewhere):
+the training loss is Dice between the warped moving labels and the fixed labels plus an image
+similarity.
 
 The label maps are prepared once (LIA, cropped to the benchmark's 160x192x224 box around the brain,
 then sampled at ``spacing_mm`` by taking every n-th voxel) and cached as ``.npz`` in a folder.
@@ -25,14 +26,15 @@ import numpy as np
 import torch
 
 from . import synthesis
-from .deformations import affine_displacement, integrate_velocity, random_affine_matrix, random_velocity, uniform, warp, smooth_noise
-from .pairs import TrainingPair, one_hot
+from ..geometry import resize_field
+from .deformations import affine_displacement, integrate_velocity, random_affine_matrix, random_velocity, smooth_noise, uniform, warp
+from .pairs import TrainingPair
 from .random_shapes import gaussian_blur
 
 #: tissue classes in a fixed order (index = class id used by the lookup tables)
 TISSUES: list[str] = list(synthesis.TISSUE_T1_MEAN)
-#: Dice classes: background then the 31 evaluation structures
-DICE_LABELS: list[int] = [0] + synthesis.EVAL_LABELS
+#: FreeSurfer ids scored by the Dice loss (the benchmark's 31 evaluation structures)
+DICE_LABELS: list[int] = list(synthesis.EVAL_LABELS)
 
 
 @dataclass
@@ -80,7 +82,7 @@ def prepare_label_map(number: int, spacing_mm: int, cache: Path) -> LabelMap:
 
 
 def lookup_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Generation id -> tissue class index, and generation id -> Dice class index (0 = background)."""
+    """Generation id -> tissue class index, and generation id -> FreeSurfer id of DICE_LABELS (else 0)."""
     size = max(synthesis.LABEL_TISSUE) + 1
     tissue = torch.zeros(size, dtype=torch.long)
     for label, name in synthesis.LABEL_TISSUE.items():
@@ -90,24 +92,28 @@ def lookup_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, tor
     dice = torch.zeros(size, dtype=torch.long)
     for gen, seg in zip(source, target):
         if seg in DICE_LABELS and gen < size:
-            dice[gen] = DICE_LABELS.index(seg)
+            dice[gen] = seg
     return tissue.to(device), dice.to(device)
 
 
 def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and mask warped by a random affine composed with a random diffeomorphism."""
+    """Labels and mask warped by a random affine composed with a random diffeomorphism.
+
+    The velocity field is drawn and integrated at half resolution (it is smooth at that scale; 8x
+    cheaper), then resized; labels and mask are resampled once, nearest-neighbour, together.
+    """
     device = subject.labels.device
     shape = tuple(subject.labels.shape[2:])
+    half = tuple(max(2, s // 2) for s in shape)
     matrix = random_affine_matrix(generator, settings.max_rotation_deg, settings.max_scaling,
                                   settings.max_translation_voxels, shape)
-    velocity = random_velocity(shape, settings.max_velocity_voxels, generator, device=device)
+    velocity = random_velocity(half, settings.max_velocity_voxels / 2, generator, cell_voxels=(8.0, 4.0), device=device)
+    displacement = resize_field(integrate_velocity(velocity, steps=5), shape)
     # x -> A(x + phi(x)): the diffeomorphism first, then the affine (one resampling of the labels)
-    displacement = integrate_velocity(velocity, steps=5)
     affine = affine_displacement(matrix, shape, device)
     total = displacement + warp(affine, displacement)
-    labels = warp(subject.labels.float(), total, mode="nearest").long()
-    mask = warp(subject.mask, total)
-    return labels, (mask > 0.5).float()
+    both = warp(torch.cat([subject.labels.float(), subject.mask], dim=1), total, mode="nearest")
+    return both[:, :1].long(), both[:, 1:]
 
 
 def synthesise_image(labels: torch.Tensor, mask: torch.Tensor, tissue_lut: torch.Tensor, settings: BrainSynthSettings,
@@ -169,5 +175,5 @@ class BrainPairSampler:
         for index in (first, second):
             warped, mask = deform_label_map(self.maps[index], self.settings, generator)
             images.append(synthesise_image(warped, mask, self.tissue_lut, self.settings, generator))
-            labels.append(one_hot(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)], len(DICE_LABELS)))
+            labels.append(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)])
         return TrainingPair(images[0], images[1], labels[0], labels[1])

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..geometry import integrate_velocity, warp  # noqa: F401 (re-exported for the generators)
+
 
 def smooth_noise(shape: Sequence[int], channels: int, cell_voxels: float, generator: torch.Generator,
                  device: torch.device | str = "cpu") -> torch.Tensor:
@@ -75,24 +77,3 @@ def affine_displacement(matrix: torch.Tensor, shape: Sequence[int], device: torc
     mapped = torch.einsum("rc,c...->r...", matrix[:, :3].to(device), points) + matrix[:, 3].to(device).view(3, 1, 1, 1)
     return (mapped - points).unsqueeze(0)
 
-
-def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """``image (N, C, D, H, W)`` resampled at ``x + displacement(x)`` (voxels, channel k = axis k+2)."""
-    try:
-        from ..geometry import warp as geometry_warp
-    except ImportError:  # the geometry core (issue 8) not merged yet: the older (i, j, k)-ordered helper
-        from ..spatial import warp_with_voxel_displacement
-
-        return warp_with_voxel_displacement(image, displacement.flip(1), mode=mode)
-    return geometry_warp(image, displacement, mode=mode)
-
-
-def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling-and-squaring of a stationary velocity field (voxels, channel k = axis k+2)."""
-    try:
-        from ..geometry import integrate_velocity as geometry_integrate
-    except ImportError:
-        from ..spatial import integrate_velocity as spatial_integrate
-
-        return spatial_integrate(velocity.flip(1), steps).flip(1)
-    return geometry_integrate(velocity, steps)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .deformations import integrate_velocity, random_velocity, smooth_noise, uniform, warp
-from .pairs import TrainingPair, one_hot
+from .pairs import TrainingPair
 
 
 @dataclass
@@ -82,4 +82,4 @@ def random_shape_pair(shape: Sequence[int], generator: torch.Generator, settings
         warped = warped / 255.0 + settings.noise_std * torch.randn(warped.shape, generator=generator, device=device)
         images.append(min_max(warped))
         label_maps.append(warp(labels.float(), displacement, mode="nearest").long())
-    return TrainingPair(images[0], images[1], one_hot(label_maps[0], settings.n_shapes), one_hot(label_maps[1], settings.n_shapes))
+    return TrainingPair(images[0], images[1], label_maps[0], label_maps[1])
