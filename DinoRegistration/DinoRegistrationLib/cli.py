@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=command_apply)
 
     add_weights_command(sub)
+    from .cli_train import add_training_commands
+
+    add_training_commands(sub)
     return parser
 
 

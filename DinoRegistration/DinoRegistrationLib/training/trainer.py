@@ -206,6 +206,7 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
     started = time.time()
     last_checkpoint = started
     stop = {"flag": False}
+    first_loss = None
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
         stop["flag"] = True
@@ -267,6 +268,8 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
                 raise RuntimeError(f"the loss became {float(loss.detach())} at step {step}: lower optimiser.learning_rate")
             metrics = {"loss": float(loss.detach()), **{f"loss/{k}": v for k, v in loss_function.parts.items()},
                        "lr": scheduler.get_last_lr()[0]}
+            if first_loss is None:
+                first_loss = metrics["loss"]
             if on_step is not None:
                 on_step(step, metrics)
             if bar is not None:
@@ -295,11 +298,34 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     checkpoint()
+    record_rank_agreement(network, context, output, first_loss)
     if not context.is_main:
         return None
     from .export import export_trained_model
 
     return export_trained_model(network, config, output, step, wall(), history, hardware_description(device, context.world_size))
+
+
+def parameter_checksum(network: torch.nn.Module) -> float:
+    """Sum of all parameters in float64: equal on every rank when DDP kept them in step."""
+    return float(sum(p.detach().double().sum() for p in network.parameters()))
+
+
+def record_rank_agreement(network: torch.nn.Module, context: DistributedContext, output: Path, first_loss: float | None) -> None:
+    """Under DDP: gather every rank's parameter checksum and first loss; rank 0 writes ``ranks.json``.
+
+    Raises when the ranks' weights differ (a broken gradient synchronisation must not go unnoticed).
+    """
+    if not context.enabled:
+        return
+    mine = {"rank": context.rank, "checksum": parameter_checksum(network), "first_loss": first_loss}
+    everyone: list = [None] * context.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    if context.is_main:
+        (output / "ranks.json").write_text(json.dumps(everyone, indent=1) + "\n")
+    checksums = [entry["checksum"] for entry in everyone]
+    if max(checksums) - min(checksums) > 1e-6 * max(1.0, abs(checksums[0])):
+        raise RuntimeError(f"DDP ranks ended with different weights (checksums {checksums}): gradient synchronisation failed")
 
 
 def load_initial_weights(network: torch.nn.Module, name_or_path: str) -> None:
