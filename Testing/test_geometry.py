@@ -177,3 +177,17 @@ def test_runs_on_the_gpu():
     image = torch.rand((1, 1, 8, 8, 8), device="cuda")
     assert warp(image, integrate_velocity(field)).device.type == "cuda"
     assert invert(field)[0].device.type == "cuda"
+
+
+def test_upsample_field_matches_average_pooled_pyramids():
+    from DinoRegistrationLib.geometry import upsample_field
+
+    coarse = torch.zeros((1, 3, 4, 4, 4), dtype=torch.float64)
+    coarse[:, 0] = 1.5
+    coarse[:, 2] = 0.25 * identity_grid((4, 4, 4), dtype=torch.float64)[:, 2]  # linear in W (coarse voxels)
+    fine = upsample_field(coarse, 2)
+    assert fine.shape == (1, 3, 8, 8, 8)
+    torch.testing.assert_close(fine[:, 0], torch.full_like(fine[:, 0], 3.0))
+    # coarse voxel m is centred on fine position 2 m + 0.5: u_fine(x) = 0.25 (x - 0.5) inside
+    w = identity_grid((8, 8, 8), dtype=torch.float64)[:, 2]
+    torch.testing.assert_close(fine[:, 2, :, :, 1:-1], (0.25 * (w - 0.5))[:, :, :, 1:-1])

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=command_apply)
 
     add_weights_command(sub)
+    from .cli_models import add_models_command
+
+    add_models_command(sub)
     from .cli_train import add_training_commands
 
     add_training_commands(sub)
@@ -264,6 +267,7 @@ class progress_display:
 # ---------------------------------------------------------------------------------------------- methods
 
 def command_methods(args: argparse.Namespace) -> int:
+    from .cli_models import method_listing
     from .methods.base import registry
 
     rows = []
@@ -272,7 +276,8 @@ def command_methods(args: argparse.Namespace) -> int:
         availability = method.availability()
         rows.append({"name": name, "summary": method.summary, "available": availability.ok,
                      "reason": availability.reason, "presets": sorted(method.presets),
-                     "default_preset": method.default_preset, "parameters": method.parameters()})
+                     "default_preset": method.default_preset, "parameters": method.parameters(),
+                     **method_listing(method)})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

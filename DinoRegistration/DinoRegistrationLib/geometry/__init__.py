@@ -30,6 +30,8 @@ API (all re-exported here):
   and its own residual ``|inverse(x) + u(x + inverse(x))|`` in voxels ``(N, 1, D, H, W)``.
 - :func:`resize_field` ``(u, shape)``: resample a displacement to another grid over the same box,
   rescaling the values to the new voxel size.
+- :func:`upsample_field` ``(u, factor=2)``: the same for pyramids made by average pooling
+  (cell-centred coarse grids, ``align_corners=False``).
 - :func:`jacobian_determinant` ``(u, spacing=None) -> (N, 1, D, H, W)`` of ``x + u(x)``.
 - :func:`diffusion_penalty` / :func:`diffusion_gradient` ``(u, spacing=None)``: mean squared
   forward differences (mm per mm when ``spacing`` is given) and its closed-form gradient.
@@ -46,9 +48,9 @@ below are therefore written by hand and kept equal to MONAI's by tests.
 from __future__ import annotations
 
 from .fields import (compose, from_ijk_channels, identity_grid, integrate_velocity, invert, resize_field,
-                     to_ijk_channels, warp)
+                     to_ijk_channels, upsample_field, warp)
 from .jacobian import jacobian_determinant
 from .penalties import bending_energy, diffusion_gradient, diffusion_penalty
 
-__all__ = ["identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "to_ijk_channels",
+__all__ = ["identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "upsample_field", "to_ijk_channels",
            "from_ijk_channels", "jacobian_determinant", "diffusion_penalty", "diffusion_gradient", "bending_energy"]

@@ -122,3 +122,16 @@ def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tens
     resized = F.interpolate(displacement, size=tuple(new), mode="trilinear", align_corners=True)
     factors = [(n - 1) / (o - 1) if o > 1 else 1.0 for o, n in zip(old, new)]
     return resized * torch.tensor(factors, dtype=resized.dtype, device=resized.device).view(1, 3, 1, 1, 1)
+
+
+def upsample_field(displacement: torch.Tensor, factor: int = 2) -> torch.Tensor:
+    """Displacement on a grid ``factor`` times finer, for pyramids built by average pooling.
+
+    Pooling makes cell-centred coarse grids (coarse voxel m covers fine voxels [f m, f (m + 1))), so
+    this uses ``align_corners=False`` interpolation, and multiplies values by ``factor`` (voxels
+    are ``factor`` times smaller). Use :func:`resize_field` for grids sharing their corner voxels.
+    """
+    if factor == 1:
+        return displacement
+    upsampled = F.interpolate(displacement, scale_factor=factor, mode="trilinear", align_corners=False)
+    return upsampled * float(factor)
