@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = """seed = 2
 [network]
-name = "lite-unet"
-config = { channels = [8, 16], integration_steps = 0 }
+name = "unet"
+config = { encoder = [8, 16], decoder = [8], output_level = 1, integrate_steps = 0 }
 [data]
 source = "random-shapes"
 shape = [16, 16, 16]

@@ -15,7 +15,7 @@ from DinoRegistrationLib.training.config import load_config, parse_config
 
 TINY = {
     "seed": 3,
-    "network": {"name": "lite-unet", "config": {"channels": [8, 16, 16], "integration_steps": 4}},
+    "network": {"name": "unet", "config": {"encoder": [8, 16, 16], "decoder": [16, 8], "output_level": 1, "integrate_steps": 4}},
     "data": {"source": "random-shapes", "shape": [32, 32, 32], "max_velocity_voxels": 3.0},
     "loss": {"lncc": 1.0, "dice": 0.0, "diffusion": 0.05, "lncc_window": 5},
     "optimiser": {"learning_rate": 2e-3},
@@ -74,14 +74,14 @@ def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
 
     config = tiny_config()
     torch.manual_seed(config.seed)
-    untrained = build_training_network("lite-unet", config.network.config)
+    untrained = build_training_network("unet", config.network.config)
     path = train(config, tmp_path / "run", progress_bar=False)
-    trained = build_training_network("lite-unet", config.network.config)
+    trained = build_training_network("unet", config.network.config)
     trained.load_state_dict(read_model_weights(str(path)))
     before, after = held_out_loss(untrained, config), held_out_loss(trained, config)
     assert after < before - 0.02, (before, after)
     card = json.loads(path.with_suffix(".json").read_text())
-    assert card["architecture"] == {"name": "lite-unet", "config": config.network.config}
+    assert card["architecture"] == "unet" and card["config"]["encoder"] == [8, 16, 16]
     assert card["training"]["steps"] == 40 and card["preprocessing"]["spacing_mm"] == 2.0
     assert {"hardware", "wall_time_s", "data"} <= set(card["training"])
     assert (tmp_path / "run" / "log.csv").read_text().startswith("step,key,value,wall_s")

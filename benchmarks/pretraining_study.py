@@ -10,7 +10,7 @@ The pretraining source claims that registering random-shape images first improve
 
 Validation: mean Dice (31 structures) on the real OASIS <-> MNE pair in both directions, after the
 engine's affine stage (``data/real_pairs.py``); never trained on. Runs at ``--spacing`` mm (4 mm by
-default: the CPU budget of this study) with a small ``lite-unet``. Every run is resumable; the
+default: the CPU budget of this study) with a small VoxelMorph-style ``unet``. Every run is resumable; the
 script skips finished runs, then writes ``pretraining_study.png`` and prints a Markdown table.
 
 Usage::
@@ -40,11 +40,11 @@ def base_config(args: argparse.Namespace) -> TrainingConfig:
     shape = [int(round(s / spacing / 8) * 8) for s in (160, 192, 224)]
     return parse_config({
         "seed": args.seed,
-        "network": {"name": "lite-unet", "config": {"channels": [16, 32, 32], "integration_steps": 7}},
+        "network": {"name": "unet", "config": {"encoder": [16, 32, 32], "decoder": [32, 16], "output_level": 1, "integrate_steps": 7}},
         "data": {"source": "synthseg", "spacing_mm": float(spacing), "shape": shape, "cache": str(args.cache),
                  "max_velocity_voxels": 8.0 / spacing},
         "loss": {"dice": 1.0, "lncc": 0.3, "diffusion": 0.3, "lncc_window": 3, "dice_downsample": 1},
-        "optimiser": {"name": "adam", "learning_rate": 1e-3},
+        "optimiser": {"name": "adam", "learning_rate": 5e-4},
         "run": {"steps": args.steps, "threads": args.threads, "validate_every": args.validate_every,
                 "validation": "real-brains", "checkpoint_minutes": 3.0},
     }, "study")
@@ -115,7 +115,7 @@ def report(args: argparse.Namespace) -> None:
     axis.axvline(args.pretrain_steps, color="grey", linestyle=":", linewidth=1)
     axis.set_xlabel("training steps (pretraining included)")
     axis.set_ylabel("Dice, real OASIS<->MNE pair (mean of 2)")
-    axis.set_title(f"Pretraining study, lite-unet at {args.spacing} mm, CPU")
+    axis.set_title(f"Pretraining study, unet at {args.spacing} mm, CPU")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()

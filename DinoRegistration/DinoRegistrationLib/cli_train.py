@@ -1,6 +1,6 @@
 """``dinoreg train`` and ``dinoreg finetune``: the command-line side of ``training/``.
 
-    dinoreg train --config configs/lite-unet-synthseg.toml --output runs/lite [--steps N] [--resume]
+    dinoreg train --config configs/unet-synthseg.toml --output runs/lite [--steps N] [--resume]
     dinoreg finetune --model lite-unet-brain --data my_scans/ --output runs/mine [--labels my_labels/]
 
 Both write ``OUTPUT/checkpoint.pt`` every few minutes and on Ctrl-C (resume with ``--resume``),
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_EPILOG = """examples:
-  dinoreg train --config configs/lite-unet-synthseg.toml --output runs/lite
-  dinoreg train --config configs/lite-unet-synthseg.toml --output runs/lite --resume   (continue after a stop)
+  dinoreg train --config configs/unet-synthseg.toml --output runs/lite
+  dinoreg train --config configs/unet-synthseg.toml --output runs/lite --resume   (continue after a stop)
   torchrun --nproc_per_node 4 -m DinoRegistrationLib.cli train --config FILE --output DIR   (DDP)
 The config is TOML with the sections [network] [data] [loss] [optimiser] [run] (see configs/).
 """
@@ -80,8 +80,8 @@ def command_finetune(args: argparse.Namespace) -> int:
         raise InputError(f"{weights} has no model card ({weights.with_suffix('.json').name}) naming its architecture: "
                          "fine-tune a model written by dinoreg train")
     config = load_config(args.config) if args.config else TrainingConfig()
-    config.network.name = card["architecture"]["name"]
-    config.network.config = dict(card["architecture"].get("config", {}))
+    config.network.name = str(card["architecture"])
+    config.network.config = dict(card.get("config", {}))
     config.data.source = "csv" if str(args.data).lower().endswith(".csv") else "folder"
     config.data.path = str(args.data)
     config.data.labels_path = args.labels

@@ -4,8 +4,8 @@ Example (every key optional; see ``configs/*.toml`` in the repository for one pe
 
     seed = 0
     [network]
-    name = "lite-unet"
-    config = { channels = [16, 32, 32, 32], integration_steps = 7 }
+    name = "unet"
+    config = { encoder = [16, 32, 32, 32], decoder = [32, 32, 16], output_level = 1, integrate_steps = 7 }
     [data]
     source = "synthseg"          # "random-shapes", "synthseg", "folder" or "csv"
     spacing_mm = 2
@@ -38,7 +38,7 @@ from ..errors import InputError
 class NetworkConfig:
     """Which network (a name of the network registry) and its constructor arguments."""
 
-    name: str = "lite-unet"
+    name: str = "unet"
     config: dict = field(default_factory=dict)
 
 

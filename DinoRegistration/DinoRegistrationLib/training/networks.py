@@ -1,4 +1,4 @@
-"""Build a network by name for training: the engine's network registry, plus ``lite-unet``."""
+"""Build a network of the engine's registry (``networks.build_network``) for training."""
 
 from __future__ import annotations
 
@@ -8,25 +8,13 @@ from ..errors import InputError
 
 
 def build_training_network(name: str, config: dict) -> torch.nn.Module:
-    """The network ``name`` with constructor arguments ``config`` (forward(fixed, moving) -> voxel field)."""
-    try:
-        from ..networks import build_network  # the registry (issue 8)
-    except ImportError:
-        build_network = None
-    if build_network is not None:
-        try:
-            return build_network(name, dict(config))
-        except (KeyError, ValueError, InputError):
-            if name != "lite-unet":
-                raise
-    if name == "lite-unet":
-        from ..networks.lite_unet import LiteUNet
+    """The network ``name`` with ``config`` (forward(fixed, moving) -> voxel field); one-line error otherwise."""
+    from ..networks import build_network
 
-        try:
-            return LiteUNet(**config)
-        except TypeError as error:
-            raise InputError(f"network.config for lite-unet: {error}: use channels, integration_steps, in_channels") from None
-    raise InputError(f"unknown network {name!r}: see `dinoreg methods` for the registry's networks")
+    try:
+        return build_network(name, dict(config))
+    except ValueError as error:
+        raise InputError(f"network: {error}") from None
 
 
 def shape_multiple(network: torch.nn.Module) -> int:
