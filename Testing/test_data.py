@@ -101,3 +101,22 @@ def test_folder_and_csv_datasets(tmp_path):
         csv_entries(tmp_path / "bad.csv")
     with pytest.raises(InputError, match="at least 2"):
         folder_entries(tmp_path / "labels" / "..", "")  # holds no images directly
+
+
+def test_feature_cache_computes_each_volume_once(tmp_path):
+    from DinoRegistrationLib.data.feature_cache import FeatureCache
+
+    calls = []
+
+    def extractor(image):
+        calls.append(1)
+        return image * 2.0
+
+    cache = FeatureCache(tmp_path, {"kind": "double", "version": 1})
+    image = torch.rand(1, 1, 4, 4, 4)
+    first = cache.get(image, extractor)
+    second = cache.get(image.clone(), extractor)
+    assert torch.equal(first, second) and len(calls) == 1 and cache.hits == 1
+    other = FeatureCache(tmp_path, {"kind": "double", "version": 2})  # another extractor: recomputed
+    other.get(image, extractor)
+    assert len(calls) == 2

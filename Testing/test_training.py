@@ -120,7 +120,8 @@ def test_mean_dice_by_hand():
     assert mean_dice(fixed, warped, [1, 2, 3]) == pytest.approx((2 / 3 + 0.8) / 2)
 
 
-def test_finetune_through_the_cli(tmp_path):
+def test_finetune_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path / "models"))
     import SimpleITK as sitk
 
     from DinoRegistrationLib.cli import main
@@ -134,8 +135,13 @@ def test_finetune_through_the_cli(tmp_path):
         image.SetSpacing((2.0, 2.0, 2.0))
         sitk.WriteImage(image, str(tmp_path / "scans" / f"s{i}.nii.gz"))
     status = main(["finetune", "--model", str(base), "--data", str(tmp_path / "scans"), "--output",
-                   str(tmp_path / "tuned"), "--steps", "2", "--quiet", "--device", "cpu"])
+                   str(tmp_path / "tuned"), "--steps", "2", "--quiet", "--device", "cpu", "--name", "my-tuned"])
     assert status == 0
+    installed = tmp_path / "models" / "my-tuned.json"
+    assert json.loads(installed.read_text())["name"] == "my-tuned"
+    from DinoRegistrationLib.models import find_model
+
+    assert find_model("my-tuned").source == "local" and find_model("my-tuned").present
     card = json.loads((tmp_path / "tuned" / "model.json").read_text())
     assert card["training"]["initialised_from"]["model"] == str(base)
     assert main(["finetune", "--model", str(tmp_path / "nothing.safetensors"), "--data", str(tmp_path / "scans"),

@@ -42,6 +42,8 @@ def add_training_commands(sub: Any) -> None:
     train.add_argument("--steps", type=int, help="total training steps (overrides run.steps)")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     train.add_argument("--device", help="auto, cpu or cuda (overrides run.device)")
+    train.add_argument("--name", help="also install the final model as NAME in the models folder, so that "
+                       "'dinoreg register --method NAME' uses it")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=command_train)
 
@@ -58,6 +60,7 @@ def add_training_commands(sub: Any) -> None:
     finetune.add_argument("--config", help="TOML config whose [loss] [optimiser] [run] settings are used")
     finetune.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     finetune.add_argument("--device", help="auto, cpu or cuda")
+    finetune.add_argument("--name", help="also install the final model as NAME in the models folder (--method NAME)")
     finetune.add_argument("--quiet", action="store_true", help="no progress bar")
     finetune.set_defaults(func=command_finetune)
 
@@ -96,6 +99,29 @@ def command_finetune(args: argparse.Namespace) -> int:
     return run(config, args)
 
 
+def install_model(weights: Path, name: str) -> Path:
+    """Copy a trained model into the models folder as ``name`` (card's name updated; hash unchanged)."""
+    import json
+    import shutil
+
+    from .errors import InputError
+    from .models import models_dir
+
+    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+        raise InputError(f"--name {name!r} must be a plain model name such as 'my-brain-model'")
+    folder = models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    card["name"] = name
+    partial = folder / f".{name}.safetensors.partial"
+    shutil.copyfile(weights, partial)
+    os.replace(partial, folder / f"{name}.safetensors")
+    partial = folder / f".{name}.json.partial"
+    partial.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(partial, folder / f"{name}.json")
+    return folder / f"{name}.safetensors"
+
+
 def run(config: Any, args: argparse.Namespace) -> int:
     from .training.trainer import train
 
@@ -105,8 +131,14 @@ def run(config: Any, args: argparse.Namespace) -> int:
         config.run.device = args.device
     path = train(config, Path(args.output), resume=args.resume, progress_bar=not args.quiet)
     if path is not None:
-        print(f"model written: {path} (+ {path.with_suffix('.json').name}); use it with "
-              f"dinoreg register FIXED MOVING -o OUT --method {path}", file=sys.stderr)
+        print(f"model written: {path} (+ {path.with_suffix('.json').name})", file=sys.stderr)
+        if getattr(args, "name", None):
+            installed = install_model(path, args.name)
+            print(f"installed as {installed}; register with: dinoreg register FIXED MOVING -o OUT --method {args.name}",
+                  file=sys.stderr)
+        else:
+            print("to use it: rerun with --name NAME, or copy both files as NAME.safetensors/NAME.json into "
+                  "the models folder ('dinoreg models list' shows it)", file=sys.stderr)
         return 0
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 writes the model
