@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=command_apply)
 
     add_weights_command(sub)
+    from .cli_models import add_models_command
+
+    add_models_command(sub)
+    from .cli_train import add_training_commands
+
+    add_training_commands(sub)
     from .cli_batch import add_batch_command
 
     add_batch_command(sub)
@@ -269,6 +275,7 @@ class progress_display:
 # ---------------------------------------------------------------------------------------------- methods
 
 def command_methods(args: argparse.Namespace) -> int:
+    from .cli_models import method_listing
     from .methods.base import registry
 
     rows = []
@@ -277,7 +284,8 @@ def command_methods(args: argparse.Namespace) -> int:
         availability = method.availability()
         rows.append({"name": name, "summary": method.summary, "available": availability.ok,
                      "reason": availability.reason, "presets": sorted(method.presets),
-                     "default_preset": method.default_preset, "parameters": method.parameters()})
+                     "default_preset": method.default_preset, "parameters": method.parameters(),
+                     **method_listing(method)})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

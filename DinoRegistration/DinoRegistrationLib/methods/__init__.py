@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 
 # Modules whose import registers methods (``@register_method``). A new family adds its module here.
-BUILTIN_METHOD_MODULES = ["identity", "affine", "zeroshot"]
+BUILTIN_METHOD_MODULES = ["identity", "affine", "zeroshot", "learned"]
 
 
 def load_builtin_methods() -> None:
+    """Import the method modules; a module with ``refresh_methods`` (learned models) re-scans its sources."""
     for module in BUILTIN_METHOD_MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+        loaded = importlib.import_module(f"{__name__}.{module}")
+        refresh = getattr(loaded, "refresh_methods", None)
+        if refresh is not None:
+            refresh()

@@ -9,6 +9,7 @@ from .base import Method, RegistrationProblem, register_method
 @register_method
 class AffineMethod(Method):
     name = "affine"
+    label, rank = "Affine only", 90
     summary = "Rigid then affine alignment (moments initialisation, multi-resolution Mattes MI; any contrast)."
     stage_weights = {}
 

@@ -53,6 +53,10 @@ class Method:
 
     name: str = ""
     summary: str = ""
+    #: "baseline" | "zero-shot" | "learned"; a plain display label; order of recommendation (lower first)
+    kind: str = "baseline"
+    label: str = ""
+    rank: int = 100
     #: the affine stage runs before ``run`` (the user may turn it off with ``affine=False``)
     uses_affine_stage: bool = True
     #: relative expected durations of the stages ``run`` reports, for the overall progress bar

@@ -9,6 +9,7 @@ from .base import Method, RegistrationProblem, register_method
 @register_method
 class IdentityMethod(Method):
     name = "identity"
+    label, rank = "No registration", 100
     summary = "No registration: moving resampled on the fixed grid as it is (baseline)."
     uses_affine_stage = False
 

@@ -91,6 +91,7 @@ def _presets(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class ZeroShotMethod(Method):
     """Shared pipeline of the zero-shot methods; subclasses say which features to compute."""
 
+    kind = "zero-shot"
     stage_weights = STAGE_WEIGHTS
 
     def features(self, pair: WorkingPair, fixed: torch.Tensor, moving: torch.Tensor, foreground: torch.Tensor,
@@ -197,6 +198,7 @@ def dino_pair(pair: WorkingPair, params: dict[str, Any], problem: RegistrationPr
 @register_method
 class MindZeroShot(ZeroShotMethod):
     name = "mind-zeroshot"
+    label, rank = "MIND zero-shot", 30
     summary = "MIND-SSC features + ConvexAdam (convex search, then Adam); no model needed, any modality"
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS})
 
@@ -211,6 +213,7 @@ class MindZeroShot(ZeroShotMethod):
 @register_method
 class DinoZeroShot(ZeroShotMethod):
     name = "dino-zeroshot"
+    label, rank = "DINO zero-shot", 20
     summary = "frozen DINOv2/v3 slice-wise features (joint PCA) + ConvexAdam (DINO-Reg); needs model weights"
     stage_weights = DINO_STAGE_WEIGHTS
     presets = _presets({**COMMON_DEFAULTS, **DINO_DEFAULTS})
@@ -228,6 +231,7 @@ class DinoMind(DinoZeroShot):
     """Same availability as dino-zeroshot (the DINO model); MIND features added."""
 
     name = "dino-mind"
+    label, rank = "DINO + MIND zero-shot", 10
     summary = "DINO + MIND-SSC features concatenated (each group normalised) + ConvexAdam; needs model weights"
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS, **DINO_DEFAULTS, "mind_weight": 0.5})
 

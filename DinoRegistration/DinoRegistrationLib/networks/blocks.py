@@ -1,0 +1,44 @@
+"""Small building blocks shared by the networks (plain torch).
+
+Written with torch.nn rather than MONAI's blocks on purpose: importing any MONAI module imports all
+of MONAI (seconds on a laptop CPU), which every learned registration would pay at start-up; the
+blocks here are a convolution and an activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvBlock(nn.Sequential):
+    """3x3x3 convolution (optionally strided) followed by LeakyReLU(0.2), as in VoxelMorph."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+def flow_layer(in_channels: int) -> nn.Conv3d:
+    """3x3x3 convolution to a 3-channel displacement, initialised near zero (VoxelMorph's N(0, 1e-5)),
+    so an untrained network starts at the identity."""
+    layer = nn.Conv3d(in_channels, 3, 3, padding=1)
+    nn.init.normal_(layer.weight, 0.0, 1e-5)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def upsample_to(volume: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Trilinear resize of feature maps ``volume`` to the spatial shape of ``like`` (cell-centred grids)."""
+    if volume.shape[2:] == like.shape[2:]:
+        return volume
+    return F.interpolate(volume, size=like.shape[2:], mode="trilinear", align_corners=False)
+
+
+def check_shape(image: torch.Tensor, multiple: int, name: str) -> None:
+    """Raise ValueError unless ``image`` is (N, 1, D, H, W) with every spatial size a multiple of ``multiple``."""
+    if image.dim() != 5 or image.shape[1] != 1:
+        raise ValueError(f"{name} expects images (N, 1, D, H, W), got {tuple(image.shape)}")
+    if any(int(n) % multiple for n in image.shape[2:]):
+        raise ValueError(f"{name} needs spatial sizes that are multiples of {multiple}, got {tuple(image.shape[2:])}: "
+                         "pad the images (the learned methods do this)")
