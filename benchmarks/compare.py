@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "DinoRegistration"))
 sys.path.insert(0, str(BENCH_DIR))
 
 import scorer  # noqa: E402
-import synthesize  # noqa: E402
+from DinoRegistrationLib.data import synthesis as synthesize  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("DINOREG_BENCH_CACHE", "/tmp/dinoreg-benchmark")) / "compare"
 SHARED = synthesize.SHARED_DATA
@@ -468,7 +468,7 @@ def build_section(methods: dict[str, str | None], pairs: list[Pair], records: li
              f"- Load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in load_before)}, at end "
              f"{'/'.join(f'{v:.1f}' for v in load_after)} (on {os.cpu_count()} cores; above that, timings are pessimistic).",
              "- Scored by `benchmarks/scorer.py` from each method's exported ITK transform. Dice/HD95 over the "
-             "FreeSurfer structures of `synthesize.EVAL_LABELS` present in both label maps; seconds = the registration "
+             "FreeSurfer structures of `DinoRegistrationLib.data.synthesis.EVAL_LABELS` present in both label maps; seconds = the registration "
              "call only (file reading and imports excluded); peak RAM = ru_maxrss of the method's own process.", ""]
     for kind in ("real", "synthetic", "other"):
         if any(p.kind == kind for p in pairs):
