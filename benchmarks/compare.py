@@ -50,6 +50,11 @@ KIND_TITLES = {
     "other": "Pairs without comparable labels (anisotropic clinical MR, demo pair): image NCC after registration",
 }
 ANCHORS = ["ants-syn", "elastix", "sitk-affine", "sitk-demons", "fireants", "unigradicon"]
+#: anchors too slow on a CPU for the 5-minute --quick budget (they run without --quick)
+QUICK_LEAVES_OUT = {
+    "elastix": "not in --quick (100-200 s per 2 mm pair on 2 cores); run without --quick",
+    "fireants": "not in --quick (minutes per 2 mm pair on a CPU); run without --quick",
+}
 ANCHOR_NOTES = {
     "ants-syn": "antspyx `registration(type_of_transform='SyN')` defaults",
     "elastix": "itk-elastix default affine + B-spline maps, centre-of-gravity init",
@@ -297,10 +302,13 @@ def cache_key(label: str, pair: Pair, device: str, threads: int) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def evaluate(label: str, pair: Pair, cache: Path, threads: int, device: str, timeout: float, fresh: bool) -> dict[str, Any]:
-    """Run (or reuse from the cache) and score one (method, pair)."""
+def evaluate(label: str, pair: Pair, cache: Path, threads: int, device: str, timeout: float, fresh: bool,
+             report_only: bool = False) -> dict[str, Any]:
+    """Run (or reuse from the cache) and score one (method, pair); ``report_only``: never run."""
     key = cache_key(label, pair, device, threads)
     record_path = cache / "results" / f"{re.sub(r'[^A-Za-z0-9@.-]+', '_', label)}__{key}.json"
+    if report_only and not record_path.exists():
+        return {"status": "not run", "reason": "not run yet", "method": label, "pair": pair.name, "kind": pair.kind}
     if record_path.exists() and not fresh:
         record = json.loads(record_path.read_text())
         if record["status"] == "ok" and record.get("scorer_version") == scorer.VERSION:
@@ -361,11 +369,16 @@ def summary_table(methods: dict[str, str | None], records: list[dict[str, Any]],
         runs = [r for r in records if r["method"] == label and r["kind"] == kind]
         done = [r for r in runs if r["status"] == "ok"]
         note = ANCHOR_NOTES.get(label, "")
+        pending = sum(1 for r in runs if r["status"] == "not run")
+        runs = [r for r in runs if r["status"] != "not run"] if done else runs
         if skipped or not done:
             reason = skipped or next((r.get("reason", "") for r in runs), "not run")
-            rows.append(f"| {label} | 0 | skipped: {reason} | | | | | | | |" if skipped else
-                        f"| {label} | 0 | failed: {reason} | | | | | | | {note} |")
+            state = "skipped" if skipped else ("not run yet" if runs and all(r["status"] == "not run" for r in runs) else "failed")
+            rows.append(f"| {label} | 0 | not run yet | | | | | | | {note} |" if state == "not run yet" else
+                        f"| {label} | 0 | {state}: {reason} | | | | | | | {note if state == 'failed' else ''} |")
             continue
+        if pending and done:
+            note = f"{note}; {pending} pair(s) not run yet".lstrip("; ")
         if len(done) < len(runs):
             note = f"{note}; {len(runs) - len(done)} failed: {next(r['reason'] for r in runs if r['status'] != 'ok')}".lstrip("; ")
         if with_labels:
@@ -513,7 +526,8 @@ def scaling_pair(cache: Path, shape_ijk: tuple[int, int, int], spacing: tuple[fl
 
 
 def scaling_table(labels: list[str], sizes: list[tuple[tuple[int, int, int], tuple[float, float, float]]],
-                  thread_counts: list[int], cache: Path, device: str, timeout: float, fresh: bool) -> list[str]:
+                  thread_counts: list[int], cache: Path, device: str, timeout: float, fresh: bool,
+                  report_only: bool = False) -> list[str]:
     rows = ["| method | grid | threads | seconds | peak RAM MB |", "| --- | --- | --- | --- | --- |"]
     for label in labels:
         for shape, spacing in sizes:
@@ -524,6 +538,8 @@ def scaling_table(labels: list[str], sizes: list[tuple[tuple[int, int, int], tup
                 record_path = cache / "results" / f"scaling_{label}__{key}.json"
                 if record_path.exists() and not fresh:
                     record = json.loads(record_path.read_text())
+                elif report_only:
+                    record = {"status": "not run", "reason": "not run yet"}
                 else:
                     record = run_one(label, pair, cache / "runs" / record_path.stem, threads, device, timeout)
                     record["load_average"] = list(os.getloadavg())
@@ -550,6 +566,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling-methods", default="affine,mind-zeroshot,ants-syn", help="methods of the scaling table")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('-' for none)")
     parser.add_argument("--json", type=Path, help="also write every record to this file")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tables from the cached results (missing ones shown as not run)")
     return parser.parse_args(argv)
 
 
@@ -559,14 +577,19 @@ def main(argv: list[str] | None = None) -> int:
     started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     methods = all_methods(args.methods.split(",") if args.methods else None)
+    if args.quick and not args.methods:
+        for name in QUICK_LEAVES_OUT:
+            methods[name] = methods[name] or QUICK_LEAVES_OUT[name]
     pairs = make_pairs(args.cache, args.quick)
     records = []
     runnable = [label for label, skipped in methods.items() if not skipped]
     total = len(runnable) * len(pairs)
     for index, (pair, label) in enumerate(((p, m) for p in pairs for m in runnable), start=1):
         print(f"[{index}/{total}] {label} on {pair.name} ...", file=sys.stderr, flush=True)
-        record = evaluate(label, pair, args.cache, args.threads, args.device, args.timeout, args.fresh)
+        record = evaluate(label, pair, args.cache, args.threads, args.device, args.timeout, args.fresh, args.report_only)
         records.append(record)
+        if record["status"] == "not run":
+            continue
         if record["status"] == "ok":
             print(f"[{index}/{total}] {label} on {pair.name}: Dice {fmt(record.get('dice_mean'))} NCC {fmt(record.get('ncc'))} "
                   f"TRE {fmt(record.get('tre_mean_mm'), 2)} SDlogJ {fmt(record.get('sdlogj'))} {record['seconds']:.1f} s "
@@ -580,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             sizes.append(((512, 512, 300), (0.7, 0.7, 1.0)))
         thread_counts = sorted({1, args.threads})
         scaling_methods = [m for m in args.scaling_methods.split(",") if m in methods and not methods[m]]
-        scaling_rows = scaling_table(scaling_methods, sizes, thread_counts, args.cache, args.device, args.timeout, args.fresh)
+        scaling_rows = scaling_table(scaling_methods, sizes, thread_counts, args.cache, args.device, args.timeout, args.fresh,
+                                     args.report_only)
     section = build_section(methods, pairs, records, command, started_utc, (time.perf_counter() - started) / 60,
                             load_before, args.threads, scaling_rows)
     print(section)
