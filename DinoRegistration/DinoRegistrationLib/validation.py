@@ -1,8 +1,8 @@
 """Checks that a pair of volumes can be registered at all, before any work starts.
 
 Each failed check raises ``InputError`` with one line naming the problem and the fix. The reader
-(``io.read_volume``) already rejects unreadable, non-3D, constant and non-finite files; these
-checks also guard the API (``pipeline.register``), which takes volumes from memory.
+(``io.read_volume``) already rejects unreadable, truncated, non-3D, constant and non-finite files;
+these checks also guard the API (``pipeline.register``), which takes volumes from memory.
 
 Memory budget: a registration holds about ``BYTES_PER_FIXED_VOXEL`` bytes per voxel of the fixed
 grid (outputs, dense fields, resampling coordinates) plus the moving image. The budget is 80 % of
@@ -30,8 +30,6 @@ def check_registration_inputs(fixed: Volume, moving: Volume, fixed_mask: Volume 
     """Raise ``InputError`` when the pair cannot be registered (see the module docstring)."""
     for volume, role in ((fixed, "fixed image"), (moving, "moving image")):
         check_shape_and_spacing(volume, role)
-        if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-            raise InputError(f"{role} contains NaN/inf voxels: replace them (e.g. with 0) before registering")
     for mask, role in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
         if mask is not None and not np.any(mask.array):
             raise InputError(f"{role} is empty (no non-zero voxel): give a mask that covers the anatomy, or none")
