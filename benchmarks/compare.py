@@ -563,7 +563,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"data, transforms and per-run results (default {DEFAULT_CACHE})")
     parser.add_argument("--fresh", action="store_true", help="recompute every result instead of reusing the cache")
     parser.add_argument("--scaling", action="store_true", help="also the scaling table (size 64^3..256^3, a 512x512x300 CT grid; threads)")
-    parser.add_argument("--scaling-methods", default="affine,mind-zeroshot,ants-syn", help="methods of the scaling table")
+    parser.add_argument("--scaling-methods", default="affine,mind-zeroshot",
+                        help="methods of the scaling table (anchors too, e.g. ants-syn: slow at 256^3 on a CPU)")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('-' for none)")
     parser.add_argument("--json", type=Path, help="also write every record to this file")
     parser.add_argument("--report-only", action="store_true",
