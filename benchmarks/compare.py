@@ -360,6 +360,12 @@ def mean_of(records: list[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def short(reason: str, limit: int = 110) -> str:
+    """The first clause of a reason (the rest is in the JSON records), for a table cell."""
+    first = reason.split(": ")[0] if len(reason) > limit else reason
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def summary_table(methods: dict[str, str | None], records: list[dict[str, Any]], kind: str) -> list[str]:
     with_labels = kind != "other"
     header = ["method", "pairs", "Dice mean (sd)" if with_labels else "NCC after", "HD95 mm", "TRE mm", "SDlogJ",
@@ -372,7 +378,7 @@ def summary_table(methods: dict[str, str | None], records: list[dict[str, Any]],
         pending = sum(1 for r in runs if r["status"] == "not run")
         runs = [r for r in runs if r["status"] != "not run"] if done else runs
         if skipped or not done:
-            reason = skipped or next((r.get("reason", "") for r in runs), "not run")
+            reason = short(skipped or next((r.get("reason", "") for r in runs), "not run"))
             state = "skipped" if skipped else ("not run yet" if runs and all(r["status"] == "not run" for r in runs) else "failed")
             rows.append(f"| {label} | 0 | not run yet | | | | | | | {note} |" if state == "not run yet" else
                         f"| {label} | 0 | {state}: {reason} | | | | | | | {note if state == 'failed' else ''} |")
@@ -406,6 +412,23 @@ def pair_table(methods: dict[str, str | None], records: list[dict[str, Any]], pa
             value = run.get("dice_mean") if run.get("dice_mean") is not None else run.get("ncc")
             cells.append(f"{value:.3f} / {run['seconds']:.0f} s")
         rows.append(f"| {pair.name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def structure_table(methods: dict[str, str | None], records: list[dict[str, Any]]) -> list[str]:
+    """Dice per structure (left and right merged) on the real pairs, one column per method."""
+    real = [r for r in records if r["kind"] == "real" and r["status"] == "ok" and r.get("dice_per_label")]
+    shown = [label for label in methods if any(r["method"] == label for r in real)]
+    if not shown:
+        return []
+    rows = ["| structure | " + " | ".join(shown) + " |", "| --- |" + " --- |" * len(shown)]
+    for label, name in synthesize.STRUCTURE_NAMES.items():
+        cells = []
+        for method in shown:
+            values = [v for r in real if r["method"] == method for k, v in r["dice_per_label"].items()
+                      if synthesize.RIGHT_TO_LEFT.get(int(k), int(k)) == label]
+            cells.append(fmt(float(np.mean(values))) if values else "-")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -482,11 +505,14 @@ def build_section(methods: dict[str, str | None], pairs: list[Pair], records: li
              f"{'/'.join(f'{v:.1f}' for v in load_after)} (on {os.cpu_count()} cores; above that, timings are pessimistic).",
              "- Scored by `benchmarks/scorer.py` from each method's exported ITK transform. Dice/HD95 over the "
              "FreeSurfer structures of `DinoRegistrationLib.data.synthesis.EVAL_LABELS` present in both label maps; seconds = the registration "
-             "call only (file reading and imports excluded); peak RAM = ru_maxrss of the method's own process.", ""]
+             "call only (file reading and imports excluded); peak RAM = VmHWM of the method's own process.", ""]
     for kind in ("real", "synthetic", "other"):
         if any(p.kind == kind for p in pairs):
             lines += [f"**{KIND_TITLES[kind]}**", "", *summary_table(methods, records, kind), ""]
     lines += ["Per pair (Dice, or NCC for pairs without labels / seconds):", "", *pair_table(methods, records, pairs), ""]
+    structures = structure_table(methods, records)
+    if structures:
+        lines += ["Dice per structure on the real pairs (left and right merged):", "", *structures, ""]
     lines += [*plots(methods, records), ""]
     if scaling_rows:
         lines += ["**Scaling** (time and peak RAM against volume size and threads; the OASIS T1 <- synthetic T1 "
