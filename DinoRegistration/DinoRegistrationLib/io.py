@@ -80,7 +80,9 @@ def check_file_complete(path: Path, role: str) -> None:
             check_nifti_size(path, data_bytes if data_bytes is not None else path.stat().st_size, role)
         elif name.endswith(".mha"):
             check_metaimage_size(path, role)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+    except gzip.BadGzipFile:
+        return  # not gzip at all: the reader says what is wrong with it
+    except (EOFError, zlib.error) as error:
         raise InputError(f"{role} '{path}' is truncated or corrupted ({error}): copy or download it again") from None
 
 
