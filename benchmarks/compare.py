@@ -589,6 +589,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"data, transforms and per-run results (default {DEFAULT_CACHE})")
     parser.add_argument("--fresh", action="store_true", help="recompute every result instead of reusing the cache")
     parser.add_argument("--scaling", action="store_true", help="also the scaling table (size 64^3..256^3, a 512x512x300 CT grid; threads)")
+    parser.add_argument("--scaling-only", action="store_true", help="run only the scaling table (comparison from the cache)")
+    parser.add_argument("--scaling-sizes", help="comma-separated edge lengths and/or 'ct' (default 64,128,192,256,ct)")
     parser.add_argument("--scaling-methods", default="affine,mind-zeroshot",
                         help="methods of the scaling table (anchors too, e.g. ants-syn: slow at 256^3 on a CPU)")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update ('-' for none)")
@@ -604,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     methods = all_methods(args.methods.split(",") if args.methods else None)
+    if args.scaling_only:  # the comparison tables come from the cache only
+        args.report_only = True
     if args.quick and not args.methods:
         for name in QUICK_LEAVES_OUT:
             methods[name] = methods[name] or QUICK_LEAVES_OUT[name]
@@ -624,14 +628,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[{index}/{total}] {label} on {pair.name}: FAILED {record['reason']}", file=sys.stderr, flush=True)
     scaling_rows = []
-    if args.scaling:
-        sizes = [((n, n, n), (1.0, 1.0, 1.0)) for n in ((64, 96) if args.quick else (64, 128, 192, 256))]
-        if not args.quick:
-            sizes.append(((512, 512, 300), (0.7, 0.7, 1.0)))
+    if args.scaling or args.scaling_only:
+        names = (args.scaling_sizes or ("64,96" if args.quick else "64,128,192,256,ct")).split(",")
+        sizes = [((512, 512, 300), (0.7, 0.7, 1.0)) if name == "ct" else ((int(name),) * 3, (1.0, 1.0, 1.0))
+                 for name in names]
         thread_counts = sorted({1, args.threads})
         scaling_methods = [m for m in args.scaling_methods.split(",") if m in methods and not methods[m]]
         scaling_rows = scaling_table(scaling_methods, sizes, thread_counts, args.cache, args.device, args.timeout, args.fresh,
-                                     args.report_only)
+                                     args.report_only and not args.scaling_only)
     section = build_section(methods, pairs, records, command, started_utc, (time.perf_counter() - started) / 60,
                             load_before, args.threads, scaling_rows)
     print(section)
