@@ -589,6 +589,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"data, transforms and per-run results (default {DEFAULT_CACHE})")
     parser.add_argument("--fresh", action="store_true", help="recompute every result instead of reusing the cache")
     parser.add_argument("--scaling", action="store_true", help="also the scaling table (size 64^3..256^3, a 512x512x300 CT grid; threads)")
+    parser.add_argument("--pairs", help="only pairs whose name contains one of these comma-separated texts")
     parser.add_argument("--scaling-only", action="store_true", help="run only the scaling table (comparison from the cache)")
     parser.add_argument("--scaling-sizes", help="comma-separated edge lengths and/or 'ct' (default 64,128,192,256,ct)")
     parser.add_argument("--scaling-methods", default="affine,mind-zeroshot",
@@ -612,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUICK_LEAVES_OUT:
             methods[name] = methods[name] or QUICK_LEAVES_OUT[name]
     pairs = make_pairs(args.cache, args.quick)
+    if args.pairs:  # a subset, e.g. to share the work between processes (results land in the same cache)
+        pairs = [pair for pair in pairs if any(part in pair.name for part in args.pairs.split(","))]
     records = []
     runnable = [label for label, skipped in methods.items() if not skipped]
     total = len(runnable) * len(pairs)
