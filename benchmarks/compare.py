@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     runnable = [label for label, skipped in methods.items() if not skipped]
     total = len(runnable) * len(pairs)
     for index, (pair, label) in enumerate(((p, m) for p in pairs for m in runnable), start=1):
-        print(f"[{index}/{total}] {label} on {pair.name} ...", file=sys.stderr, flush=True)
+        if not args.report_only:
+            print(f"[{index}/{total}] {label} on {pair.name} ...", file=sys.stderr, flush=True)
         record = evaluate(label, pair, args.cache, args.threads, args.device, args.timeout, args.fresh, args.report_only)
         records.append(record)
         if record["status"] == "not run":
