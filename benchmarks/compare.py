@@ -270,7 +270,8 @@ def run_one(label: str, pair: Pair, folder: Path, threads: int, device: str, tim
                str(transform), str(result), "--device", device]
     log = open(folder / "log.txt", "w")
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # run in the run's folder: some tools (transformix) drop files into the working directory
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder))
     status = wait_with_timeout(process, timeout)
     wall = time.perf_counter() - started
     log.close()
@@ -603,6 +604,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    args.cache = args.cache.absolute()  # the methods run in their own folders
     started, load_before = time.perf_counter(), os.getloadavg()
     started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
