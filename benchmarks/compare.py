@@ -495,7 +495,7 @@ def plots(methods: dict[str, str | None], records: list[dict[str, Any]]) -> list
 
 def build_section(methods: dict[str, str | None], pairs: list[Pair], records: list[dict[str, Any]], command: str,
                   started_utc: str, minutes: float, load_before: tuple[float, ...], threads: int,
-                  scaling_rows: list[str]) -> str:
+                  scaling_rows: list[str], figures: bool = True) -> str:
     load_after = os.getloadavg()
     reused = sum(1 for r in records if r.get("reused"))
     lines = [MARK_START, "",
@@ -514,7 +514,7 @@ def build_section(methods: dict[str, str | None], pairs: list[Pair], records: li
     structures = structure_table(methods, records)
     if structures:
         lines += ["Dice per structure on the real pairs (left and right merged):", "", *structures, ""]
-    lines += [*plots(methods, records), ""]
+    lines += [*(plots(methods, records) if figures else []), ""]
     if scaling_rows:
         lines += ["**Scaling** (time and peak RAM against volume size and threads; the OASIS T1 <- synthetic T1 "
                   "pair padded/cropped at 1 mm, the CT-sized grid at 0.7x0.7x1 mm):", "", *scaling_rows, ""]
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         scaling_rows = scaling_table(scaling_methods, sizes, thread_counts, args.cache, args.device, args.timeout, args.fresh,
                                      args.report_only and not args.scaling_only)
     section = build_section(methods, pairs, records, command, started_utc, (time.perf_counter() - started) / 60,
-                            load_before, args.threads, scaling_rows)
+                            load_before, args.threads, scaling_rows, figures=args.output != "-")
     print(section)
     if args.output != "-":
         write_markdown(Path(args.output), section)
