@@ -562,11 +562,12 @@ def test_meta_download_is_converted_into_our_cache(model_files, monkeypatch):
     _, _, pth = model_files["dinov2_reg"]
     urls = []
 
-    def fake_download(url, destination, progress=True):
+    def fake_download(url, destination, sha256=None):
         urls.append(url)
         shutil.copy(pth, destination)
+        return destination
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr("DinoRegistrationLib.downloads.download_verified", fake_download)
     assert run_cli(["weights", "download", "dinov2_vits14_reg", "--source", "meta"]) == 0
     assert urls == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"]
     converted = weights.converted_dir(weights.find_model("dinov2_vits14_reg"))

@@ -152,8 +152,10 @@ def test_failed_write_leaves_previous_outputs_untouched(tmp_path, monkeypatch, c
         raise OSError("disk full")
 
     monkeypatch.setattr(outputs_module, "write_preview", broken_preview)
-    with pytest.raises(OSError):
-        main(["demo", "-o", str(outdir), "--method", "affine", "--quiet"])
+    capsys.readouterr()
+    assert main(["demo", "-o", str(outdir), "--method", "affine", "--quiet"]) == 1  # one line, no traceback
+    assert capsys.readouterr().err.strip() == ("dinoreg: error: cannot write the outputs: disk full: free disk space "
+                                               "or choose another output folder")
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -7,7 +7,7 @@ per method. See ``benchmarks/README.md`` for the data, the pairs and how numbers
 Pairs (1 mm, 160x192x224 voxels, LIA like FreeSurfer's conformed space):
 
 - ``synthseg``: T1-like images synthesised from two different SynthSeg subjects' label maps
-  (``synthesize.py``), fixed = subject 2k+1, moving = subject 2k+2;
+  (``DinoRegistrationLib/data/synthesis.py``), fixed = subject 2k+1, moving = subject 2k+2;
 - ``oasis``: the real voxelmorph OASIS T1 (fixed) against a synthesised SynthSeg subject (moving),
   subjects taken from 20 downwards.
 
@@ -52,8 +52,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO / "DinoRegistration"))
 sys.path.insert(0, str(BENCH_DIR))
 
-import synthesize  # noqa: E402
-from synthesize import EVAL_LABELS, RIGHT_TO_LEFT, STRUCTURE_NAMES, Subject  # noqa: E402
+from DinoRegistrationLib.data import synthesis as synthesize  # noqa: E402
+from DinoRegistrationLib.data.synthesis import EVAL_LABELS, RIGHT_TO_LEFT, STRUCTURE_NAMES, Subject  # noqa: E402
 
 DEFAULT_METHODS = "identity,affine,mind-zeroshot,dino-zeroshot,ants-syn"
 DEFAULT_CACHE = Path(os.environ.get("DINOREG_BENCH_CACHE", "/tmp/dinoreg-benchmark"))
@@ -425,7 +425,7 @@ def build_report(specs: list[MethodSpec], pairs: list[Pair], records: list[dict[
              + (" (above the core count: other processes competed for the CPU, timings are pessimistic)."
                 if max(*load_before, *load_after) > (os.cpu_count() or 1) else " (a quiet machine)."),
              f"- Images {'x'.join(map(str, shape))} voxels at 1 mm. Dice and HD95 over the {len(EVAL_LABELS)} FreeSurfer "
-             "structures of `benchmarks/synthesize.py` (EVAL_LABELS) present in both images, averaged per pair, then over pairs.",
+             "structures of `DinoRegistrationLib/data/synthesis.py` (EVAL_LABELS) present in both images, averaged per pair, then over pairs.",
              "- seconds: one registration as a user runs it (affine + method + warping image and labels; the Jacobian "
              "map is computed but its time is excluded); ANTs: `ants.registration` + `apply_transforms` of the labels. "
              "Peak RAM: ru_maxrss of a fresh process per (method, pair), including Python, torch/ANTs and the loaded images.",

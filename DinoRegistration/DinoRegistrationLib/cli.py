@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         report_error("interrupted: nothing was written", json_events)
         return 130
+    except OSError as error:  # writing failed (disk full, file-size limit, permissions): nothing was kept
+        where = f" ({error.filename})" if error.filename else ""
+        report_error(f"cannot write the outputs: {error.strerror or error}{where}: free disk space or choose "
+                     "another output folder", json_events)
+        return 1
     except RuntimeError as error:
         if "out of memory" in str(error).lower():
             report_error("out of GPU memory: retry with --device cpu or --preset fast", json_events)
@@ -111,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_models import add_models_command
 
     add_models_command(sub)
+    from .cli_train import add_training_commands
+
+    add_training_commands(sub)
+    from .cli_batch import add_batch_command
+
+    add_batch_command(sub)
     return parser
 
 

@@ -7,8 +7,11 @@ Every writer writes to a temporary name and renames, so a file appears complete 
 
 from __future__ import annotations
 
+import errno
+import gzip
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
         elif path.name.lower().endswith(MGH_SUFFIXES):
             return check_scalar_3d(read_mgh(path), role, path, is_image)
         else:
+            check_file_complete(path, role)
             image = sitk.ReadImage(str(path))
             if is_image:
                 check_nifti_finite(path, role)
@@ -72,6 +76,66 @@ def check_nifti_finite(path: Path, role: str) -> None:
     if count:
         raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with the image minimum) "
                          "before registering")
+
+
+METAIMAGE_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+                   "MET_ULONG": 8, "MET_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def check_file_complete(path: Path, role: str) -> None:
+    """Reject truncated files, which ITK's NIfTI and MetaImage readers silently fill with zeros.
+
+    Checks the gzip stream of ``.gz`` files (to its end-of-stream marker and CRC), the data size
+    of NIfTI files against their header, and of uncompressed single-file MetaImage (``.mha``).
+    """
+    name = path.name.lower()
+    data_bytes = None
+    try:
+        if name.endswith(".gz"):
+            data_bytes = 0
+            with gzip.open(path, "rb") as stream:
+                while True:
+                    chunk = stream.read(1 << 24)
+                    if not chunk:
+                        break
+                    data_bytes += len(chunk)
+        if name.endswith((".nii", ".nii.gz")):
+            check_nifti_size(path, data_bytes if data_bytes is not None else path.stat().st_size, role)
+        elif name.endswith(".mha"):
+            check_metaimage_size(path, role)
+    except gzip.BadGzipFile:
+        return  # not gzip at all: the reader says what is wrong with it
+    except (EOFError, zlib.error) as error:
+        raise InputError(f"{role} '{path}' is truncated or corrupted ({error}): copy or download it again") from None
+
+
+def check_nifti_size(path: Path, file_bytes: int, role: str) -> None:
+    import nibabel
+
+    try:
+        header = nibabel.load(str(path)).header
+    except Exception:
+        return  # not a NIfTI nibabel understands: SimpleITK reports what is wrong
+    needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    if file_bytes < needed:
+        raise InputError(f"{role} '{path}' is truncated ({file_bytes} of {needed} bytes): copy or download it again")
+
+
+def check_metaimage_size(path: Path, role: str) -> None:
+    with open(path, "rb") as stream:
+        head = stream.read(4096)
+    if b"ElementDataFile = LOCAL" not in head:
+        return
+    fields = dict(line.split(" = ", 1) for line in head[: head.index(b"ElementDataFile = LOCAL")].decode(
+        "latin-1").splitlines() if " = " in line)
+    if fields.get("CompressedData", "False").strip() == "True" or fields.get("ElementType", "").strip() not in METAIMAGE_BYTES:
+        return
+    voxels = int(np.prod([int(v) for v in fields.get("DimSize", "0").split()]))
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    needed = head.index(b"ElementDataFile = LOCAL") + len(b"ElementDataFile = LOCAL") + 1 + \
+        voxels * channels * METAIMAGE_BYTES[fields["ElementType"].strip()]
+    if path.stat().st_size < needed:
+        raise InputError(f"{role} '{path}' is truncated ({path.stat().st_size} of {needed} bytes): copy it again")
 
 
 def read_dicom_series(folder: Path, role: str) -> sitk.Image:
@@ -154,8 +218,16 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        # gzip level 1: about 3x faster than the default level for a few percent larger files
-        sitk.WriteImage(volume.to_sitk(), temporary, compress, 1 if compress else -1)
+        try:
+            # gzip level 1: about 3x faster than the default level for a few percent larger files
+            sitk.WriteImage(volume.to_sitk(), temporary, compress, 1 if compress else -1)
+        except RuntimeError as error:  # ITK reports a full disk or a file-size limit this way
+            raise OSError(errno.EIO, f"ITK could not write the file ({str(error).strip().splitlines()[-1][:100]})",
+                          str(path)) from None
+        try:  # ITK's NIfTI writer only prints an error when a write falls short (disk full): check the file
+            check_file_complete(Path(temporary), "written file")
+        except InputError:
+            raise OSError(errno.ENOSPC, "the file was cut short while writing (disk full?)", str(path)) from None
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

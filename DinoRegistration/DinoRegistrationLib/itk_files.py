@@ -10,6 +10,7 @@ steps, which apply in list order, are added in reverse.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -82,7 +83,11 @@ def write_transform(transform: Transform, path: str | os.PathLike) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix or ".h5", dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteTransform(to_sitk_transform(transform), temporary)
+        try:
+            sitk.WriteTransform(to_sitk_transform(transform), temporary)
+        except RuntimeError as error:  # ITK reports a full disk or a file-size limit this way
+            raise OSError(errno.EIO, f"ITK could not write the file ({str(error).strip().splitlines()[-1][:100]})",
+                          str(path)) from None
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

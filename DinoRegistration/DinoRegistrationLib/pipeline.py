@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,14 @@ import torch
 
 from . import __version__, metrics
 from .affine import AffineSettings, affine_registration
+from .errors import RegistrationFailed
 from .intensity import foreground, normalise, robust_range
 from .methods.base import Method, RegistrationProblem, get_method, registry
 from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
 from .transforms import DenseField, Transform, jacobian_determinant, warp_volume
+from .validation import check_registration_inputs
 from .volume import Volume
 
 #: methods tried in order by ``method='auto'``: the best one that can run here wins
@@ -114,6 +117,7 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     method, params = choose_method(options)
+    check_registration_inputs(fixed, moving, fixed_mask, moving_mask)
     method_name = method.name
     use_affine = options.use_affine and method.uses_affine_stage
     plan_stages(progress, method.stage_weights, options, use_affine)
@@ -122,8 +126,15 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     initial = Transform()
     if use_affine:
         progress.stage("affine")
-        initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
-    transform = method.run(problem, initial)
+        try:
+            initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
+        except RuntimeError as error:
+            raise too_small(error, "the affine stage", fixed, "for images under about 4 cm across, turn it off (--no-affine)")
+    try:
+        transform, device = run_with_cpu_fallback(method, problem, initial)
+    except RuntimeError as error:
+        raise too_small(error, f"method {method_name}", fixed, "use larger images or a finer working grid "
+                        "(--param working_spacing_mm=...)")
     check_transform_finite(transform, method_name)
 
     progress.stage("warping")
@@ -182,6 +193,34 @@ def check_transform_finite(transform: Transform, method_name: str) -> None:
         if not np.isfinite(values).all():
             raise RegistrationFailed(f"method {method_name} produced a non-finite transform: nothing was written; "
                                      "retry with --preset fast or a larger regularisation")
+
+
+def too_small(error: RuntimeError, stage: str, fixed: Volume, fix: str) -> Exception:
+    """A one-line ``RegistrationFailed`` when ITK or torch refuse a grid too small for their pyramids
+    or kernels; any other error is returned unchanged (the caller raises it)."""
+    message = str(error)
+    if "ITK ERROR" not in message and "smaller than kernel size" not in message:
+        return error
+    detail = message.strip().splitlines()[-1][:120]
+    return RegistrationFailed(f"{stage} cannot work on images this small ({fixed.grid.describe()}; {detail}): {fix}")
+
+
+def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial: Transform) -> tuple[Transform, torch.device]:
+    """``method.run``; when the GPU runs out of memory, the same run on the CPU (with a warning).
+
+    Returns the transform and the device the rest of the pipeline should use.
+    """
+    try:
+        return method.run(problem, initial), problem.device
+    except torch.cuda.OutOfMemoryError:
+        if problem.device.type != "cuda":
+            raise
+    torch.cuda.empty_cache()
+    warnings.warn(f"{method.name}: out of GPU memory; continuing on the CPU (slower). Use a smaller preset or "
+                  "--device cpu to avoid the retry", RuntimeWarning, stacklevel=2)
+    problem.device = torch.device("cpu")
+    problem.progress.stage(problem.progress.stage_name)
+    return method.run(problem, initial), problem.device
 
 
 def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:

@@ -49,7 +49,8 @@ class Progress:
         self.weights = dict(weights)
 
     def stage(self, name: str) -> None:
-        """Start stage ``name`` (closing the previous one)."""
+        """Start stage ``name`` (closing the previous one); a pending cancel stops the run here."""
+        self.check()
         self._close_stage()
         self.stage_name = name
         self.stage_fraction = 0.0
@@ -73,6 +74,7 @@ class Progress:
         self.cancel_event.set()
 
     def finish(self) -> None:
+        self.check()  # a cancel during the last stage discards the result
         self._close_stage()
         self.stage_name = "done"
         self._emit(force_fraction=1.0)

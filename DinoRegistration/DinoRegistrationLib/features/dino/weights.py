@@ -240,6 +240,8 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
         raise InputError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with internet, "
                          f"or copy the model folder here and give its path")
     from huggingface_hub import HfApi, snapshot_download
+
+    from ...downloads import verify_hub_snapshot
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     cache = hf_cache_dir()
@@ -258,12 +260,12 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
                          f"connection and retry: {DOWNLOAD_COMMAND} {entry.name if entry else repo_id}") from None
     if not is_hf_folder(folder):
         raise InputError(f"{repo_id} has no config.json and weights file: it is not a transformers model")
+    verify_hub_snapshot(folder)
     return folder
 
 
 def _download_meta(entry: ModelEntry) -> Path:
-    import torch
-
+    from ...downloads import check_recorded_hash, download_verified
     from .backbones import save_converted_checkpoint
 
     meta_dir = dino_cache_dir() / "meta"
@@ -271,10 +273,13 @@ def _download_meta(entry: ModelEntry) -> Path:
     checkpoint = meta_dir / str(entry.meta_filename)
     if not checkpoint.is_file():
         try:
-            torch.hub.download_url_to_file(str(entry.meta_url), str(checkpoint), progress=True)
+            download_verified(str(entry.meta_url), checkpoint, getattr(entry, "meta_sha256", None))
+        except InputError:
+            raise
         except Exception as error:
             raise InputError(f"could not download {entry.meta_url}: {one_line(error)}; check the internet "
                              f"connection and retry: {DOWNLOAD_COMMAND} {entry.name} --source meta") from None
+    check_recorded_hash(checkpoint)
     target = converted_dir(entry)
     save_converted_checkpoint(checkpoint, target)
     return target

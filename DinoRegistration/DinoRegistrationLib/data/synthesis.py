@@ -1,7 +1,15 @@
 """T1-like brain images synthesised from the SynthSeg label maps, and the voxelmorph OASIS scan.
 
-Used by ``brain_benchmark.py``; not part of the product. Everything is deterministic (seeded by the
-subject number) and cached as NIfTI in a cache folder (never committed).
+One generator shared by the benchmark (``benchmarks/brain_benchmark.py``: deterministic subjects,
+seeded by the subject number and cached as NIfTI in a cache folder, never committed) and training
+(``data/brain_pairs.py`` draws a fresh seed per sample, at the training resolution).
+
+Why numpy/scipy and not torchio's ``LabelsToImage`` / ``RandomBiasField`` / ``RandomBlur`` /
+``RandomNoise``: the benchmark images must stay bit-identical across versions (``SYNTH_VERSION``)
+with the documented tissue table below, which a per-label lookup does in one indexing step;
+torchio's label-to-image wants one channel per label (about 50 channels of 256^3) and its random
+transforms draw from torch's global generator. Training uses torchio where it fits (random affine
+augmentation, ``data/brain_pairs.py``).
 
 Data (see ``../shared/README.md`` for licenses)
 -----------------------------------------------
@@ -64,21 +72,29 @@ SynthSeg maps). SynthSeg maps are first converted with ``synthseg_segmentation_l
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "DinoRegistration"))
+from ..volume import Grid, Volume
 
-from DinoRegistrationLib.volume import Grid, Volume  # noqa: E402
+REPO = Path(__file__).resolve().parents[3]
 
-SHARED_DATA = Path(os.environ.get("DINOREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+def find_shared_data() -> Path:
+    """``$DINOREG_SHARED_DATA``, else the first ``shared/data`` folder beside the repository or above it."""
+    if "DINOREG_SHARED_DATA" in os.environ:
+        return Path(os.environ["DINOREG_SHARED_DATA"])
+    for folder in REPO.parents:
+        if (folder / "shared" / "data").is_dir():
+            return folder / "shared" / "data"
+    return REPO.parent / "shared" / "data"
+
+
+SHARED_DATA = find_shared_data()
 SYNTHSEG_DIR = SHARED_DATA / "synthseg"
 VOXELMORPH_SCAN = SHARED_DATA / "brain" / "test_scan.npz"
 
@@ -157,6 +173,8 @@ def lia_volume(array_lia: np.ndarray) -> Volume:
 
 def load_lia_labels(path: Path) -> np.ndarray:
     """A label map as an int16 array in LIA voxel order (reoriented from its header if needed)."""
+    import nibabel as nib
+
     image = nib.load(str(path))
     current = nib.orientations.io_orientation(image.affine)
     target = nib.orientations.axcodes2ornt(("L", "I", "A"))

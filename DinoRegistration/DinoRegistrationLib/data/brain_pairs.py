@@ -1,0 +1,179 @@
+"""T1-like brain pairs synthesised on the fly from the SynthSeg label maps (SynthMorph-style).
+
+Each sample takes two label maps (two subjects, or one subject twice), deforms each by a random
+small affine plus a random diffeomorphism, then synthesises an image from each deformed label map
+with the tissue table of :mod:`.synthesis` (the benchmark's generator) with wider random jitter,
+or (with probability ``random_contrast``) fully random per-tissue intensities, so the network
+learns anatomy rather than one contrast. Label maps come as FreeSurfer ids (DICE_LABELS, 0 elsewhere):
+the training loss is Dice between the warped moving labels and the fixed labels plus an image
+similarity.
+
+The label maps are prepared once (LIA, cropped to the benchmark's 160x192x224 box around the brain,
+then sampled at ``spacing_mm`` by taking every n-th voxel) and cached as ``.npz`` in a folder.
+
+Why not torchio here: the deformation (affine + velocity) is one composed field applied once to the
+labels, and the synthesis is a lookup table plus a few convolutions; doing both in torch keeps it
+batched and on the GPU when one is used, where torchio's transforms run per subject on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import synthesis
+from ..geometry import resize_field
+from .deformations import affine_displacement, integrate_velocity, random_affine_matrix, random_velocity, smooth_noise, uniform, warp
+from .pairs import TrainingPair
+from .random_shapes import gaussian_blur
+
+#: tissue classes in a fixed order (index = class id used by the lookup tables)
+TISSUES: list[str] = list(synthesis.TISSUE_T1_MEAN)
+#: FreeSurfer ids scored by the Dice loss (the benchmark's 31 evaluation structures)
+DICE_LABELS: list[int] = list(synthesis.EVAL_LABELS)
+
+
+@dataclass
+class BrainSynthSettings:
+    """Knobs of the on-the-fly synthesis (voxel units of the training grid)."""
+
+    #: probability of fully random per-tissue intensities instead of the jittered T1 table
+    random_contrast: float = 0.3
+    mean_jitter: float = 0.15
+    max_within_class_cv: float = 0.10
+    max_blur_sigma_voxels: float = 0.6
+    max_bias_std: float = 0.2
+    max_noise_std: float = 0.03
+    max_rotation_deg: float = 6.0
+    max_scaling: float = 0.06
+    max_translation_voxels: float = 3.0
+    max_velocity_voxels: float = 4.0
+
+
+@dataclass
+class LabelMap:
+    """One subject prepared for synthesis: generation labels and the skull-stripping mask (LIA, training grid)."""
+
+    name: str
+    labels: torch.Tensor  # (1, 1, D, H, W) int64, SynthSeg generation ids
+    mask: torch.Tensor    # (1, 1, D, H, W) float, 1 inside the brain
+
+
+def prepare_label_map(number: int, spacing_mm: int, cache: Path) -> LabelMap:
+    """SynthSeg subject ``number`` (1..20) at ``spacing_mm`` (an integer: every n-th voxel), cached."""
+    path = cache / f"synthseg{number:02d}_{spacing_mm}mm_v{synthesis.SYNTH_VERSION}.npz"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        labels = synthesis.load_lia_labels(synthesis.SYNTHSEG_DIR / f"training_seg_{number:02d}.nii.gz")
+        box = np.argwhere(~np.isin(labels, list(synthesis.NOT_BRAIN)))
+        labels = synthesis.crop_or_pad(labels, (box.min(0) + box.max(0)) / 2.0, synthesis.CROP_SHAPE)
+        mask = synthesis.brain_mask(labels)
+        step = int(spacing_mm)
+        partial = path.with_suffix(".partial.npz")
+        np.savez_compressed(partial, labels=labels[::step, ::step, ::step], mask=mask[::step, ::step, ::step])
+        partial.replace(path)
+    data = np.load(path)
+    return LabelMap(f"synthseg{number:02d}", torch.from_numpy(data["labels"].astype(np.int64))[None, None],
+                    torch.from_numpy(data["mask"].astype(np.float32))[None, None])
+
+
+def lookup_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation id -> tissue class index, and generation id -> FreeSurfer id of DICE_LABELS (else 0)."""
+    size = max(synthesis.LABEL_TISSUE) + 1
+    tissue = torch.zeros(size, dtype=torch.long)
+    for label, name in synthesis.LABEL_TISSUE.items():
+        tissue[label] = TISSUES.index(name)
+    source = np.load(synthesis.SYNTHSEG_DIR / "generation_labels.npy").astype(int)
+    target = np.load(synthesis.SYNTHSEG_DIR / "synthseg_segmentation_labels.npy").astype(int)
+    dice = torch.zeros(size, dtype=torch.long)
+    for gen, seg in zip(source, target):
+        if seg in DICE_LABELS and gen < size:
+            dice[gen] = seg
+    return tissue.to(device), dice.to(device)
+
+
+def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and mask warped by a random affine composed with a random diffeomorphism.
+
+    The velocity field is drawn and integrated at half resolution (it is smooth at that scale; 8x
+    cheaper), then resized; labels and mask are resampled once, nearest-neighbour, together.
+    """
+    device = subject.labels.device
+    shape = tuple(subject.labels.shape[2:])
+    half = tuple(max(2, s // 2) for s in shape)
+    matrix = random_affine_matrix(generator, settings.max_rotation_deg, settings.max_scaling,
+                                  settings.max_translation_voxels, shape)
+    velocity = random_velocity(half, settings.max_velocity_voxels / 2, generator, cell_voxels=(8.0, 4.0), device=device)
+    displacement = resize_field(integrate_velocity(velocity, steps=5), shape)
+    # x -> A(x + phi(x)): the diffeomorphism first, then the affine (one resampling of the labels)
+    affine = affine_displacement(matrix, shape, device)
+    total = displacement + warp(affine, displacement)
+    both = warp(torch.cat([subject.labels.float(), subject.mask], dim=1), total, mode="nearest")
+    return both[:, :1].long(), both[:, 1:]
+
+
+def synthesise_image(labels: torch.Tensor, mask: torch.Tensor, tissue_lut: torch.Tensor, settings: BrainSynthSettings,
+                     generator: torch.Generator) -> torch.Tensor:
+    """A T1-like (or random-contrast) image ``(1, 1, D, H, W)`` in [0, 1] from generation labels."""
+    device = labels.device
+    base = torch.tensor([synthesis.TISSUE_T1_MEAN[name] for name in TISSUES], device=device) / 110.0
+    if uniform(generator, 0.0, 1.0) < settings.random_contrast:
+        means = torch.rand(len(TISSUES), generator=generator, device=device)
+    else:
+        means = base * (1.0 + settings.mean_jitter * torch.randn(len(TISSUES), generator=generator, device=device))
+    classes = tissue_lut[labels.clamp(max=tissue_lut.numel() - 1)]
+    mean = means[classes]
+    cv = uniform(generator, 0.0, settings.max_within_class_cv)
+    image = mean * (1.0 + cv * torch.randn(mean.shape, generator=generator, device=device))
+    image = image * mask
+    image = gaussian_blur(image, uniform(generator, 0.0, settings.max_blur_sigma_voxels))
+    bias = smooth_noise(tuple(labels.shape[2:]), 1, max(labels.shape[2:]) / 3.0, generator, device)
+    image = image * torch.exp(uniform(generator, 0.0, settings.max_bias_std) * bias)
+    image = image + uniform(generator, 0.0, settings.max_noise_std) * torch.randn(image.shape, generator=generator, device=device)
+    image = image * mask
+    return normalise_foreground(image)
+
+
+def normalise_foreground(image: torch.Tensor, low: float = 1.0, high: float = 99.0) -> torch.Tensor:
+    """Clip to the (low, high) percentiles of the voxels above the minimum and scale to [0, 1].
+
+    The same rule as the engine's ``intensity.robust_range`` + ``normalise`` applied at inference.
+    """
+    out = []
+    for sample in image:
+        values = sample[sample > sample.min()]
+        if values.numel() < 2:
+            values = sample.flatten()
+        if values.numel() > 2_000_000:
+            values = values[:: values.numel() // 2_000_000]
+        lo, hi = torch.quantile(values.float(), torch.tensor([low / 100, high / 100], device=values.device))
+        out.append(((sample - lo) / (hi - lo).clamp(min=1e-6)).clamp(0.0, 1.0))
+    return torch.stack(out)
+
+
+class BrainPairSampler:
+    """Draws synthesised brain pairs from a set of prepared label maps (one generator per rank)."""
+
+    def __init__(self, subjects: Sequence[int], spacing_mm: int, cache: Path, settings: BrainSynthSettings | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.maps = [prepare_label_map(n, spacing_mm, cache) for n in subjects]
+        self.maps = [LabelMap(m.name, m.labels.to(device), m.mask.to(device)) for m in self.maps]
+        self.settings = settings or BrainSynthSettings()
+        self.tissue_lut, self.dice_lut = lookup_tables(device)
+        self.shape = tuple(self.maps[0].labels.shape[2:])
+
+    def sample(self, generator: torch.Generator) -> TrainingPair:
+        """A fixed/moving pair from two different subjects when there are several."""
+        count = len(self.maps)
+        first = int(torch.randint(count, (), generator=generator, device=generator.device))
+        second = first if count == 1 else (first + 1 + int(torch.randint(count - 1, (), generator=generator, device=generator.device))) % count
+        images, labels = [], []
+        for index in (first, second):
+            warped, mask = deform_label_map(self.maps[index], self.settings, generator)
+            images.append(synthesise_image(warped, mask, self.tissue_lut, self.settings, generator))
+            labels.append(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)])
+        return TrainingPair(images[0], images[1], labels[0], labels[1])

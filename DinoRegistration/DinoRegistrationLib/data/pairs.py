@@ -1,0 +1,29 @@
+"""What a training step consumes: a fixed/moving image pair with optional one-hot label maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TrainingPair:
+    """Images ``(N, 1, D, H, W)`` in [0, 1] on one voxel grid; integer label maps ``(N, 1, D, H, W)`` or None."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_labels: Optional[torch.Tensor] = None
+    moving_labels: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device | str) -> "TrainingPair":
+        move = (lambda t: None if t is None else t.to(device))
+        return TrainingPair(move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels))
+
+
+def stack_pairs(pairs: list[TrainingPair]) -> TrainingPair:
+    """Concatenate pairs along the batch axis (all must have labels or none)."""
+    cat = (lambda items: None if items[0] is None else torch.cat(items, dim=0))
+    return TrainingPair(cat([p.fixed for p in pairs]), cat([p.moving for p in pairs]),
+                        cat([p.fixed_labels for p in pairs]), cat([p.moving_labels for p in pairs]))

@@ -1,0 +1,148 @@
+"""Training: config errors are one line, a short run lowers the loss, resume equals an uninterrupted run,
+the exported model round-trips, finetune runs through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DinoRegistrationLib.errors import InputError
+from DinoRegistrationLib.training.config import load_config, parse_config
+
+TINY = {
+    "seed": 3,
+    "network": {"name": "unet", "config": {"encoder": [8, 16, 16], "decoder": [16, 8], "output_level": 1, "integrate_steps": 4}},
+    "data": {"source": "random-shapes", "shape": [32, 32, 32], "max_velocity_voxels": 3.0},
+    "loss": {"lncc": 1.0, "dice": 0.0, "diffusion": 0.05, "lncc_window": 5},
+    "optimiser": {"learning_rate": 2e-3},
+    "run": {"steps": 40, "log_every": 5, "validate_every": 0, "threads": 1},
+}
+
+
+def tiny_config(**run):
+    raw = json.loads(json.dumps(TINY))
+    raw["run"].update(run)
+    return parse_config(raw, "test")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[run]\nstepz = 3\n", "unknown key 'run.stepz'"),
+    ("[optimizer]\nname = 'adam'\n", "unknown section or key 'optimizer'"),
+    ("[run]\nsteps = 'many'\n", "'run.steps' must be of type int"),
+    ("[data]\nsource = 'pictures'\n", "'data.source' must be one of"),
+    ("[run\n", "is not valid TOML"),
+])
+def test_config_errors_are_one_line(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as error:
+        load_config(path)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_example_configs_parse():
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    configs = sorted(folder.glob("*.toml"))
+    assert configs, "configs/ holds the example configs"
+    for path in configs:
+        load_config(path)
+
+
+def held_out_loss(network, config) -> float:
+    """Mean loss of the network on 4 fixed random-shape pairs it never trains on."""
+    from DinoRegistrationLib.data.random_shapes import RandomShapeSettings, random_shape_pair
+    from DinoRegistrationLib.losses import RegistrationLoss
+
+    loss = RegistrationLoss({"lncc": 1.0}, lncc_window=5)
+    values = []
+    with torch.no_grad():
+        for seed in range(4):
+            pair = random_shape_pair((32, 32, 32), torch.Generator().manual_seed(10_000 + seed),
+                                     RandomShapeSettings(max_velocity_voxels=3.0))
+            values.append(float(loss(pair.fixed, pair.moving, network(pair.fixed, pair.moving))))
+    return float(np.mean(values))
+
+
+def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
+    from DinoRegistrationLib.training.export import read_model_weights
+    from DinoRegistrationLib.training.networks import build_training_network
+    from DinoRegistrationLib.training.trainer import train
+
+    config = tiny_config()
+    torch.manual_seed(config.seed)
+    untrained = build_training_network("unet", config.network.config)
+    path = train(config, tmp_path / "run", progress_bar=False)
+    trained = build_training_network("unet", config.network.config)
+    trained.load_state_dict(read_model_weights(str(path)))
+    before, after = held_out_loss(untrained, config), held_out_loss(trained, config)
+    assert after < before - 0.02, (before, after)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["architecture"] == "unet" and card["config"]["encoder"] == [8, 16, 16]
+    assert card["training"]["steps"] == 40 and card["preprocessing"]["spacing_mm"] == 2.0
+    assert {"hardware", "wall_time_s", "data"} <= set(card["training"])
+    assert (tmp_path / "run" / "log.csv").read_text().startswith("step,key,value,wall_s")
+    with pytest.raises(InputError, match="--resume"):
+        train(config, tmp_path / "run", progress_bar=False)
+
+
+def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path):
+    from DinoRegistrationLib.training.trainer import train
+
+    config = tiny_config(steps=8)
+    train(config, tmp_path / "straight", progress_bar=False)
+
+    def interrupt(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    assert train(config, tmp_path / "stopped", progress_bar=False, on_step=interrupt) is None
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 5
+    train(config, tmp_path / "stopped", resume=True, progress_bar=False)
+    from safetensors.torch import load_file
+
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6), name
+
+
+def test_mean_dice_by_hand():
+    from DinoRegistrationLib.training.validation import mean_dice
+
+    fixed = torch.tensor([1, 1, 2, 2, 0, 3])
+    warped = torch.tensor([1, 2, 2, 2, 0, 0])
+    # label 1: 2*1/(2+1) = 2/3; label 2: 2*2/(2+3) = 0.8; label 3 absent from warped: skipped
+    assert mean_dice(fixed, warped, [1, 2, 3]) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_finetune_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path / "models"))
+    import SimpleITK as sitk
+
+    from DinoRegistrationLib.cli import main
+    from DinoRegistrationLib.training.trainer import train
+
+    base = train(tiny_config(steps=2), tmp_path / "base", progress_bar=False)
+    (tmp_path / "scans").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        image = sitk.GetImageFromArray(rng.random((16, 16, 16)).astype(np.float32))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(tmp_path / "scans" / f"s{i}.nii.gz"))
+    status = main(["finetune", "--model", str(base), "--data", str(tmp_path / "scans"), "--output",
+                   str(tmp_path / "tuned"), "--steps", "2", "--quiet", "--device", "cpu", "--name", "my-tuned"])
+    assert status == 0
+    installed = tmp_path / "models" / "my-tuned.json"
+    assert json.loads(installed.read_text())["name"] == "my-tuned"
+    from DinoRegistrationLib.models import find_model
+
+    assert find_model("my-tuned").source == "local" and find_model("my-tuned").present
+    card = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert card["training"]["initialised_from"]["model"] == str(base)
+    assert main(["finetune", "--model", str(tmp_path / "nothing.safetensors"), "--data", str(tmp_path / "scans"),
+                 "--output", str(tmp_path / "x")]) == 2
