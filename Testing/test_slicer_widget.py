@@ -309,7 +309,8 @@ def test_an_unavailable_method_blocks_register_with_the_reason_and_offers_the_do
     assert ui.methodComboBox.items[index][0].endswith("(unavailable)")
     widget.onMethodChanged(index)
     assert not ui.registerButton.enabled
-    assert ui.statusLabel.text == "DINOv2 features cannot run here: DINO weights not downloaded yet."
+    label = ui.methodComboBox.items[index][0][: -len(" (unavailable)")]
+    assert ui.statusLabel.text == f"{label} cannot run here: DINO weights not downloaded yet."
     assert ui.downloadWeightsButton.visible and "weights download" in ui.methodInfoLabel.toolTip
     widget.onDownloadWeights()  # no internet here: the failure is reported in one line
     run_timer(widget, lambda: widget.weightsProcess is None, 120)
