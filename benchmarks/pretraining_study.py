@@ -42,7 +42,7 @@ def base_config(args: argparse.Namespace) -> TrainingConfig:
         "seed": args.seed,
         "network": {"name": "unet", "config": {"encoder": [16, 32, 32], "decoder": [32, 16], "output_level": 1, "integrate_steps": 7}},
         "data": {"source": "synthseg", "spacing_mm": float(spacing), "shape": shape, "cache": str(args.cache),
-                 "max_velocity_voxels": 8.0 / spacing},
+                 "max_velocity_mm": 6.0},
         "loss": {"dice": 1.0, "lncc": 0.3, "diffusion": 0.3, "lncc_window": 3, "dice_downsample": 1},
         "optimiser": {"name": "adam", "learning_rate": 5e-4},
         "run": {"steps": args.steps, "threads": args.threads, "validate_every": args.validate_every,

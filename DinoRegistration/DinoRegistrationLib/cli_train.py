@@ -89,7 +89,7 @@ def command_finetune(args: argparse.Namespace) -> int:
     config.data.path = str(args.data)
     config.data.labels_path = args.labels
     config.data.spacing_mm = float(card.get("preprocessing", {}).get("spacing_mm", config.data.spacing_mm))
-    config.data.max_velocity_voxels = 0.0
+    config.data.max_velocity_mm = 0.0
     config.run.init_model = str(weights)
     config.run.steps = args.steps
     config.optimiser.learning_rate = args.learning_rate

@@ -61,7 +61,8 @@ class DataConfig:
     label_ids: list = field(default_factory=list)
     cache: str = ""
     random_contrast: float = 0.3
-    max_velocity_voxels: float = 4.0
+    #: largest random velocity (mm) of the on-the-fly deformations (random shapes, synthseg, folder augmentation)
+    max_velocity_mm: float = 8.0
 
 
 @dataclass

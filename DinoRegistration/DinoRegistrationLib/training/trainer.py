@@ -297,6 +297,7 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
         log.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    fit_feature_basis(network, source, config.seed)
     checkpoint()
     record_rank_agreement(network, context, output, first_loss)
     if not context.is_main:
@@ -304,6 +305,25 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
     from .export import export_trained_model
 
     return export_trained_model(network, config, output, step, wall(), history, hardware_description(device, context.world_size))
+
+
+@torch.no_grad()
+def fit_feature_basis(network: torch.nn.Module, source: Any, seed: int, pairs: int = 8, voxels: int = 20_000) -> None:
+    """Networks that reduce frozen features to fewer channels at inference (FMIR: a PCA basis) fit
+    that basis here, on TRAINING pairs (never on the pairs being registered), and store it in the
+    weights. Identical on every rank (same seed, same pairs)."""
+    if not hasattr(network, "fit_channel_basis") or getattr(network, "channels", 0) >= getattr(network, "raw_channels", 0):
+        return
+    generator = torch.Generator(device=next(network.parameters()).device).manual_seed(seed + 99_991)
+    samples = []
+    for _ in range(pairs):
+        pair = source.sample(generator)
+        for image in (pair.fixed, pair.moving):
+            features = network.raw_features(image).flatten(2)[0].T  # (voxels, raw_channels)
+            index = torch.randint(features.shape[0], (min(voxels, features.shape[0]),), generator=generator,
+                                  device=generator.device)
+            samples.append(features[index.to(features.device)])
+    network.fit_channel_basis(torch.cat(samples))
 
 
 def parameter_checksum(network: torch.nn.Module) -> float:
