@@ -43,6 +43,9 @@ class BrainSynthSettings:
 
     #: probability of fully random per-tissue intensities instead of the jittered T1 table
     random_contrast: float = 0.3
+    #: share of pairs made from ONE label map deformed twice: their true displacement is known
+    #: (``TrainingPair.displacement``), a dense supervised signal that trains much faster than Dice
+    same_subject: float = 0.0
     mean_jitter: float = 0.15
     max_within_class_cv: float = 0.10
     max_blur_sigma_voxels: float = 0.6
@@ -145,7 +148,7 @@ def lookup_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, tor
 
 
 def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator: torch.Generator,
-                     spacing_mm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     spacing_mm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels and mask warped by a random affine composed with a random diffeomorphism.
 
     The velocity field is drawn and integrated at half resolution (it is smooth at that scale; 8x
@@ -163,7 +166,7 @@ def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator:
     affine = affine_displacement(matrix, shape, device)
     total = displacement + warp(affine, displacement)
     both = warp(torch.cat([subject.labels.float(), subject.mask], dim=1), total, mode="nearest")
-    return both[:, :1].long(), both[:, 1:]
+    return both[:, :1].long(), both[:, 1:], total
 
 
 def synthesise_image(labels: torch.Tensor, mask: torch.Tensor, tissue_lut: torch.Tensor, settings: BrainSynthSettings,
@@ -222,9 +225,20 @@ class BrainPairSampler:
         count = len(self.maps)
         first = int(torch.randint(count, (), generator=generator, device=generator.device))
         second = first if count == 1 else (first + 1 + int(torch.randint(count - 1, (), generator=generator, device=generator.device))) % count
-        images, labels = [], []
+        same = uniform(generator, 0.0, 1.0) < self.settings.same_subject
+        if same:
+            second = first
+        images, labels, fields = [], [], []
         for index in (first, second):
-            warped, mask = deform_label_map(self.maps[index], self.settings, generator, self.spacing_mm)
+            warped, mask, field = deform_label_map(self.maps[index], self.settings, generator, self.spacing_mm)
             images.append(synthesise_image(warped, mask, self.tissue_lut, self.settings, generator))
             labels.append(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)])
-        return TrainingPair(images[0], images[1], labels[0], labels[1])
+            fields.append(field)
+        truth = None
+        if same:
+            # fixed voxel x shows anatomy at x + d1(x); the moving voxel showing it is that point
+            # mapped through the inverse of y -> y + d2(y): u = compose(d1, inverse(d2))
+            from ..geometry import compose, invert
+
+            truth = compose(fields[0], invert(fields[1], iterations=20)[0])
+        return TrainingPair(images[0], images[1], labels[0], labels[1], truth)

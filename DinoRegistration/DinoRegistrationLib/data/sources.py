@@ -51,7 +51,8 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
             raise InputError(f"data.subjects must list SynthSeg label maps 1..20, got {list(data.subjects)}")
         if not synthesis.SYNTHSEG_DIR.is_dir():
             raise InputError(f"SynthSeg label maps not found in {synthesis.SYNTHSEG_DIR}: set DINOREG_SHARED_DATA to the folder holding synthseg/")
-        settings = BrainSynthSettings(random_contrast=data.random_contrast, max_velocity_mm=data.max_velocity_mm)
+        settings = BrainSynthSettings(random_contrast=data.random_contrast, max_velocity_mm=data.max_velocity_mm,
+                                      same_subject=data.same_subject)
         source = BrainPairSampler(data.subjects, int(data.spacing_mm), cache, settings, device)
         if any(s % multiple for s in source.shape):
             raise InputError(f"synthseg volumes at {data.spacing_mm} mm are {source.shape}: not multiples of {multiple}")

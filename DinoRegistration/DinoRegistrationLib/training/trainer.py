@@ -119,14 +119,15 @@ class TrainingLoss:
     """
 
     def __init__(self, loss_config, label_ids: list, registration_loss_class) -> None:
-        weights = {k: v for k, v in vars(loss_config).items() if k not in ("lncc_window", "dice_downsample", "dice")}
+        weights = {k: v for k, v in vars(loss_config).items() if k not in ("lncc_window", "dice_downsample", "dice", "supervised")}
+        self.supervised_weight = loss_config.supervised
         self.image_terms = registration_loss_class(weights, lncc_window=loss_config.lncc_window)
         self.dice_weight = loss_config.dice if label_ids else 0.0
         self.label_ids = label_ids
         self.factor = max(1, int(loss_config.dice_downsample))
         self.parts: dict[str, float] = {}
 
-    def __call__(self, fixed, moving, field, fixed_labels=None, moving_labels=None) -> torch.Tensor:
+    def __call__(self, fixed, moving, field, fixed_labels=None, moving_labels=None, truth=None) -> torch.Tensor:
         from ..geometry import warp
         from ..losses import dice_loss, one_hot
 
@@ -139,6 +140,10 @@ class TrainingLoss:
             dice = dice_loss(one_hot(fixed_labels[sub], self.label_ids), warped)
             total = total + self.dice_weight * dice
             self.parts["dice"] = float(self.dice_weight * dice.detach())
+        if self.supervised_weight and truth is not None:
+            error = ((field - truth) ** 2).sum(dim=1).mean()
+            total = total + self.supervised_weight * error
+            self.parts["supervised"] = float(self.supervised_weight * error.detach())
         return total
 
 
@@ -256,7 +261,8 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
             batch = stack_pairs(pairs)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 field = model(batch.fixed, batch.moving)
-            loss = loss_function(batch.fixed, batch.moving, field.float(), batch.fixed_labels, batch.moving_labels)
+            loss = loss_function(batch.fixed, batch.moving, field.float(), batch.fixed_labels, batch.moving_labels,
+                                 batch.displacement)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if config.optimiser.grad_clip > 0:
