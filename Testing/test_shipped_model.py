@@ -6,11 +6,22 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from DinoRegistrationLib.cli import main
 
 SHIPPED = "unet-brain"
+
+
+@pytest.fixture(autouse=True)
+def shipped_model_present():
+    """Until a trained model beats the affine baseline no weights are shipped (see BENCHMARKS.md)."""
+    from DinoRegistrationLib.models import find_model
+
+    info = find_model(SHIPPED)
+    if info is None or info.source != "shipped":
+        pytest.skip(f"no shipped model '{SHIPPED}' in models/registry.json yet")
 
 
 def test_shipped_model_is_listed_with_its_card(capsys):
