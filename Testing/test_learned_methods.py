@@ -4,7 +4,6 @@ as a local model, checkpoints, model management, and physically correct pre/post
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,8 +94,10 @@ def test_identical_inputs_give_the_identity(models_folder):
 
 def test_checkpoint_round_trips_to_identical_outputs(dino_folder, tmp_path):
     network = tiny_model("fmir-dino", dino_folder)
-    card_path = save_model(tmp_path / "model", network, {"name": "round-trip", **CARD})
-    loaded, card = load_model(card_path)
+    card_path = save_model(tmp_path / "fmir.v2", network, {"name": "round-trip", **CARD})
+    assert card_path.name == "fmir.v2.json" and (tmp_path / "fmir.v2.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmir.v2.json", "fmir.v2.safetensors"]  # no leftovers
+    loaded, card = load_model(tmp_path / "fmir.v2")
     images = torch.rand((2, 1, 8, 8, 12)), torch.rand((2, 1, 8, 8, 12))
     with torch.no_grad():
         assert torch.equal(network(*images), loaded(*images))
@@ -210,8 +211,9 @@ def test_io_preset_improves_on_the_network(models_folder, tmp_path):
     fixed, moving = read_volume(FIXED), read_volume(MOVING)
     plain = register(fixed, moving, RegistrationOptions(method="tiny-unet", use_affine=False, compute_inverse=False))
     for similarity in ("mind", "lncc"):
+        params = {"io_similarity": similarity, "io_iterations": "20"}
         refined = register(fixed, moving, RegistrationOptions(method="tiny-unet", preset="io", use_affine=False,
-                                                              compute_inverse=False, params={"io_similarity": similarity}))
+                                                              compute_inverse=False, params=params))
         assert refined.report["similarity_after"]["ncc"] > plain.report["similarity_after"]["ncc"] + 0.02
         assert refined.report["jacobian"]["percent_nonpositive"] < 1.0
 
@@ -249,3 +251,75 @@ def test_methods_json_lists_learned_methods_with_weight_status(models_folder, mo
     # a model that disappeared is no longer a method
     assert main(["methods", "--json"]) == 0
     assert "tiny-local" not in {row["name"] for row in json.loads(capsys.readouterr().out)}
+
+
+def test_shipped_and_downloaded_models(models_folder, monkeypatch, tmp_path, capsys):
+    """A shipped model (files next to the registry) is a method with no download; a downloadable one is
+    fetched, checked against its SHA-256, and refused when the hash differs (nothing left behind)."""
+    from DinoRegistrationLib.models import download_model, registry_entry
+    from DinoRegistrationLib.models import registry as model_registry
+
+    shipped_dir, remote = tmp_path / "shipped", tmp_path / "remote"
+    shipped_card = save_model(shipped_dir / "ship-net", tiny_model("unet", None), CARD)
+    remote_card = save_model(remote / "far-net", tiny_model("vitvnet", None), CARD)
+    far = registry_entry(remote_card, "download", (remote / "far-net.safetensors").as_uri(), remote_card.as_uri())
+    (remote / "bad-net.json").write_text(remote_card.read_text())
+    bad = dict(far, name="bad-net", sha256="1" * 64, url=(remote / "bad-net.safetensors").as_uri(),
+               card_url=(remote / "bad-net.json").as_uri())
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({"models": [registry_entry(shipped_card), far, bad]}))
+    monkeypatch.setattr(model_registry, "REGISTRY_FILE", registry_file)
+    monkeypatch.setattr(model_registry, "SHIPPED_DIR", shipped_dir)
+    assert main(["methods", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["ship-net"]["available"] and rows["ship-net"]["weights"]["source"] == "shipped"
+    assert not rows["far-net"]["available"] and rows["far-net"]["weights"]["source"] == "download"
+    assert main(["register", str(FIXED), str(MOVING), "-o", str(tmp_path / "out"), "--method", "ship-net",
+                 "--no-affine", "--quiet"]) == 0
+    assert download_model("far-net") == models_folder / "far-net.json"
+    assert (models_folder / "far-net.safetensors").is_file()
+    assert main(["methods", "--json"]) == 0
+    assert {row["name"]: row for row in json.loads(capsys.readouterr().out)}["far-net"]["available"]
+    (remote / "bad-net.safetensors").write_bytes((remote / "far-net.safetensors").read_bytes())
+    with pytest.raises(InputError, match="SHA-256"):
+        download_model("bad-net")
+    assert sorted(p.name for p in models_folder.iterdir()) == ["far-net.json", "far-net.safetensors"]
+    assert main(["models", "clear"]) == 0
+    assert not any(models_folder.iterdir()) and shipped_card.is_file()
+
+
+def test_models_shipped_in_the_repository_verify():
+    """Every model listed as shipped in the real registry is present and passes its hash and a forward."""
+    from DinoRegistrationLib.models import list_models, verify_model
+
+    shipped = [info for info in list_models() if info.source == "shipped"]
+    if not shipped:
+        pytest.skip("no model is shipped yet")
+    for info in shipped:
+        assert info.present, f"{info.weights_path} is missing"
+        assert "ok" in verify_model(info.name)
+
+
+def test_masks_make_the_result_ignore_everything_outside_them(models_folder):
+    from DinoRegistrationLib.io import read_volume
+    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+
+    save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=2.0), CARD)
+    fixed, moving = read_volume(FIXED), read_volume(MOVING)
+
+    def box_mask(volume, margin):
+        array = np.zeros(volume.array.shape, dtype=np.uint8)
+        array[margin:-margin, margin:-margin, margin:-margin] = 1
+        return volume.with_array(array)
+
+    fixed_mask, moving_mask = box_mask(fixed, 6), box_mask(moving, 6)
+    noisy = moving.array.astype(np.float32).copy()
+    outside = box_mask(moving, 4).array == 0  # changed only 2 voxels away from the mask
+    noisy[outside] = np.random.default_rng(0).uniform(0, 3 * noisy.max(), outside.sum())
+    options = RegistrationOptions(method="tiny-unet", preset="io", use_affine=False, compute_inverse=False,
+                                  params={"io_iterations": "5"})
+    first = register(fixed, moving, options, fixed_mask, moving_mask)
+    second = register(fixed, moving.with_array(noisy), options, fixed_mask, moving_mask)
+    np.testing.assert_allclose(first.transform.dense.displacement, second.transform.dense.displacement, atol=1e-4)
+    unmasked = register(fixed, moving.with_array(noisy), options)
+    assert np.abs(unmasked.transform.dense.displacement - first.transform.dense.displacement).max() > 0.1

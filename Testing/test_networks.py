@@ -66,4 +66,47 @@ def test_fmir_channel_subset_while_training_and_stored_basis_at_inference(dino_f
     with torch.no_grad():
         first, second = network(images, images.flip(2)), network(images, images.flip(2))
     torch.testing.assert_close(first, second)  # inference is deterministic: no per-pair refit, no random subset
+    network.train()
+    subsets = []
+    original = network.reduce_channels
+    network.reduce_channels = lambda features, subset: subsets.append(subset) or original(features, subset)
+    network(images, images.flip(2))
+    network(images, images.flip(2))
+    assert all(s is not None and s.numel() == 8 for s in subsets)  # a random subset of 8 of the 32 channels
+    assert not torch.equal(subsets[0], subsets[2])  # drawn anew at every step (same for fixed and moving)
+    assert torch.equal(subsets[0], subsets[1])
 
+
+
+def test_cpu_convolution_fast_path_equals_torch():
+    from DinoRegistrationLib.networks.blocks import Conv3d
+
+    torch.manual_seed(0)
+    for stride, in_channels in ((1, 8), (2, 2)):
+        fast = Conv3d(in_channels, 3, 3, stride=stride, padding=1)
+        reference = torch.nn.Conv3d(in_channels, 3, 3, stride=stride, padding=1)
+        reference.load_state_dict(fast.state_dict())
+        x = torch.rand((1, in_channels, 10, 12, 14), requires_grad=True)
+        torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
+        fast(x).sum().backward()
+        assert fast.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("key", ["fmir", "unet"])
+def test_symmetric_forward_is_the_antisymmetric_average(key):
+    torch.manual_seed(0)
+    network = build_network(*tiny_network_spec(key, None)).eval()
+    if network.name == "fmir":
+        network.fit_channel_basis(torch.rand((100, 12)))
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv3d) and module.out_channels == 3:
+            torch.nn.init.normal_(module.weight, 0.0, 0.1)
+    side = 2 * network.shape_multiple
+    fixed, moving = torch.rand((1, 1, side, side, side)), torch.rand((1, 1, side, side, side))
+    with torch.no_grad():
+        expected = 0.5 * (network(fixed, moving) - network(moving, fixed))
+        symmetric = network.symmetric_forward(fixed, moving)
+        torch.testing.assert_close(symmetric, expected, atol=1e-5, rtol=1e-4)
+        assert float(symmetric.abs().max()) > 1e-3
+        assert float(network.symmetric_forward(fixed, fixed).abs().max()) == 0.0
+        torch.testing.assert_close(network.symmetric_forward(moving, fixed), -symmetric)

@@ -96,13 +96,8 @@ class LearnedMethod(Method):
         progress = problem.progress
         progress.stage(STAGE_RESAMPLE)
         network, card = loaded_model(self.model_info, problem.device)
-        preprocessing = card["preprocessing"]
-        grid = model_grid(problem.fixed.grid, float(preprocessing["spacing_mm"]), str(preprocessing.get("orientation", "any")),
-                          int(network.shape_multiple))
         with torch.no_grad():
-            pair = resample_pair(problem, initial, grid)
-            fixed = normalise(pair.fixed, pair.fixed_mask, preprocessing)
-            moving = normalise(pair.moving, pair.moving_mask, preprocessing)
+            pair, fixed, moving = model_inputs(problem, initial, card["preprocessing"], int(network.shape_multiple))
             progress.stage(STAGE_NETWORK)
             displacement = predict(network, fixed, moving, bool(params["symmetric"]))
         progress.update(1.0)
@@ -137,6 +132,16 @@ def loaded_model(info: Any, device: torch.device) -> tuple[Any, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- preprocessing
+
+def model_inputs(problem: RegistrationProblem, initial: Transform, preprocessing: dict[str, Any],
+                 multiple: int) -> tuple[WorkingPair, torch.Tensor, torch.Tensor]:
+    """The canonical preprocessing of a model card: the pair (and masks) on the model grid, and the
+    normalised fixed and moving images ``(1, 1, D, H, W)`` the network takes."""
+    grid = model_grid(problem.fixed.grid, float(preprocessing["spacing_mm"]), str(preprocessing.get("orientation", "any")),
+                      multiple)
+    pair = resample_pair(problem, initial, grid)
+    return pair, normalise(pair.fixed, pair.fixed_mask, preprocessing), normalise(pair.moving, pair.moving_mask, preprocessing)
+
 
 def model_grid(fixed_grid: Grid, spacing_mm: float, orientation: str, multiple: int) -> Grid:
     """Grid of the network: covers the fixed image's box, ``spacing_mm`` voxels, axes along
@@ -188,10 +193,9 @@ def normalise(image: torch.Tensor, mask: torch.Tensor | None, preprocessing: dic
 
 def predict(network: Any, fixed: torch.Tensor, moving: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """The network's displacement ``(1, 3, D, H, W)`` (model-grid voxels, channel k along axis k + 2)."""
-    forward = network(fixed, moving).float()
-    if not symmetric:
-        return forward
-    return 0.5 * (forward - network(moving, fixed).float())
+    if symmetric:
+        return network.symmetric_forward(fixed, moving)
+    return network(fixed, moving).float()
 
 
 # ---------------------------------------------------------------------- instance optimisation

@@ -9,7 +9,10 @@ buffers such as the FMIR channel basis) and ``<name>.json``, its model card:
   (axis code of the array axes i, j, k, e.g. ``"RAS"``, or ``"any"``), ``normalisation``
   (``{"kind": "percentile", "low": 0.5, "high": 99.5}``);
 - ``training`` (data, steps, hardware, wall_time_s, losses ...), ``validation`` (e.g. ``dice``),
-  ``engine_version``, ``weights_sha256`` and ``weights_bytes`` of the safetensors file.
+  ``engine_version``, ``weights_sha256`` and ``weights_bytes`` of the safetensors file;
+- optional ``label`` (display label of its method) and ``rank`` (order of recommendation among
+  methods, lower first: dino-mind 10, dino-zeroshot 20, mind-zeroshot 30, learned default 50,
+  affine 90, identity 100).
 
 API: :func:`save_model`, :func:`load_model` (``checkpoint.py``); :func:`list_models`,
 :func:`find_model`, :func:`download_model`, :func:`verify_model`, :func:`clear_models`,

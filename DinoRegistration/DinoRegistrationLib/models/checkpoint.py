@@ -39,13 +39,18 @@ def stem_paths(path: str | Path) -> tuple[Path, Path]:
                              "give the model's .json or .safetensors file instead")
         path = cards[0]
     stem = path.with_suffix("") if path.suffix in (".json", *WEIGHT_SUFFIXES) else path
-    card = stem.with_suffix(".json")
+    card = with_extension(stem, ".json")
     if path.suffix in WEIGHT_SUFFIXES:
         return path, card
     for suffix in WEIGHT_SUFFIXES:
-        if stem.with_suffix(suffix).exists():
-            return stem.with_suffix(suffix), card
-    return stem.with_suffix(".safetensors"), card
+        if with_extension(stem, suffix).exists():
+            return with_extension(stem, suffix), card
+    return with_extension(stem, ".safetensors"), card
+
+
+def with_extension(stem: Path, extension: str) -> Path:
+    """``stem`` + ``extension`` (a model name may contain dots: 'fmir.v2' -> 'fmir.v2.json')."""
+    return stem.with_name(stem.name + extension)
 
 
 def save_model(destination: str | Path, network: Any, card: dict[str, Any] | None = None) -> Path:
@@ -63,6 +68,8 @@ def save_model(destination: str | Path, network: Any, card: dict[str, Any] | Non
 
     card = dict(card or {})
     destination = Path(destination).expanduser()
+    if destination.suffix in (".json", *WEIGHT_SUFFIXES):
+        destination = destination.with_suffix("")
     if destination.is_dir():
         destination = destination / str(card.get("name") or network.name)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,7 @@ def save_model(destination: str | Path, network: Any, card: dict[str, Any] | Non
     preprocessing["shape_multiple"] = int(network.shape_multiple)
     card["preprocessing"] = preprocessing
     card["engine_version"] = __version__
-    weights_path, card_path = destination.with_suffix(".safetensors"), destination.with_suffix(".json")
+    weights_path, card_path = with_extension(destination, ".safetensors"), with_extension(destination, ".json")
     state = {key: value.detach().cpu().contiguous() for key, value in network.state_dict().items()}
     weights_tmp = _temporary_next_to(weights_path)
     card_tmp = _temporary_next_to(card_path)
@@ -153,7 +160,7 @@ def read_weights(path: Path, expected_sha256: str | None, fix: str) -> dict[str,
     return state
 
 
-def load_model(name_or_path: str | Path, device: str | Any = "cpu", fix: str | None = None):
+def load_model(name_or_path: str | Path, device: str | Any = "cpu", fix: str | None = None) -> tuple[Any, dict[str, Any]]:
     """``(network, card)`` of a registry model name or a model file/stem/folder; network in eval mode.
 
     Raises a one-line InputError when the card or weights are missing, corrupted (SHA-256), or do

@@ -39,3 +39,10 @@ class RegistrationNetwork(nn.Module):
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def symmetric_forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """``0.5 * (net(f, m) - net(m, f))``: exactly zero for identical inputs, and swapping the
+        inputs negates it. Both directions run as one batch; subclasses may share work between them."""
+        both = self(torch.cat([fixed, moving]), torch.cat([moving, fixed])).float()
+        forward, backward = both.chunk(2)
+        return 0.5 * (forward - backward)

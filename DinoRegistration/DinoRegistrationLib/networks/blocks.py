@@ -12,17 +12,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that always takes oneDNN (mkldnn) on the CPU.
+
+    PyTorch's own heuristic sends a batch-1 3D convolution whose ``channels * D * H`` is below
+    20480 (small channel counts: the first layer on the image pair, 8-channel layers, flow layers)
+    to its im2col fallback, measured 4-5x slower on this project's 2-core CPU than oneDNN for the
+    same result. Same parameters and state dict as ``nn.Conv3d``; other devices are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros"
+                and isinstance(self.padding, tuple) and _MKLDNN):
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                            self.groups)
+        return super().forward(x)
+
+
+_MKLDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+
+
 class ConvBlock(nn.Sequential):
     """3x3x3 convolution (optionally strided) followed by LeakyReLU(0.2), as in VoxelMorph."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__(nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+        super().__init__(Conv3d(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
 def flow_layer(in_channels: int) -> nn.Conv3d:
     """3x3x3 convolution to a 3-channel displacement, initialised near zero (VoxelMorph's N(0, 1e-5)),
     so an untrained network starts at the identity."""
-    layer = nn.Conv3d(in_channels, 3, 3, padding=1)
+    layer = Conv3d(in_channels, 3, 3, padding=1)
     nn.init.normal_(layer.weight, 0.0, 1e-5)
     nn.init.zeros_(layer.bias)
     return layer

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..geometry import integrate_velocity, upsample_field
 from .base import RegistrationNetwork
-from .blocks import ConvBlock, check_shape, flow_layer, upsample_to
+from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, upsample_to
 
 
 class DinoViTVNet(RegistrationNetwork):
@@ -52,7 +52,7 @@ class DinoViTVNet(RegistrationNetwork):
                                "source": backbone.source}
         self.down = nn.ModuleList([ConvBlock(2, encoder[0], 2), ConvBlock(encoder[0], encoder[1], 2),
                                    ConvBlock(encoder[1], encoder[2], 2)])
-        self.fuse = nn.Conv3d(sum(encoder), 3, 1)
+        self.fuse = Conv3d(sum(encoder), 3, 1)
         self.bottleneck = ConvBlock(backbone.hidden_size, decoder[0])
         skip_channels = [encoder[1], encoder[0], 2] if self.skips else [0, 0, 0]
         widths = [decoder[0], *decoder]

@@ -12,7 +12,7 @@ Pipeline of ``forward(fixed, moving)``:
    are used as they are;
 3. features resized to the head grid (the input grid divided by ``head_downsample``) and a small
    3D conv block (``context_layers`` layers, shared by both images) restoring volumetric context;
-4. a ``levels``-level pyramid (average pooling by 2): from the coarsest level, warp the moving
+4. a ``levels``-level pyramid (average pooling by 2; FMIR uses 5 levels from full resolution): from the coarsest level, warp the moving
    features with the upsampled field, fuse ``cat(f + m, f - m)``, predict a residual field
    (optionally a velocity integrated by scaling and squaring) and compose it before the current
    field (``u <- compose(r, u)``); the finest field is upsampled to the input grid.
@@ -39,8 +39,11 @@ class FMIRHead(RegistrationNetwork):
         "channels": 12,             # feature channels the head sees (random subset while training, PCA at inference)
         "context_channels": 8,      # width of the context block and of the pyramid
         "context_layers": 3,
-        "levels": 5,                # pyramid levels (each halves the grid)
+        "levels": 4,                # pyramid levels (each halves the grid)
         "head_downsample": 2,       # the head works on the input grid divided by this (1 = full resolution)
+        # FMIR's own setting is head_downsample=1, levels=5 (scales 1 .. 1/16); the defaults keep its
+        # coarsest scale (1/16) but drop the full-resolution level, for a CPU forward well under a
+        # second at 2 mm brain size (sizes must then be multiples of 16, not 32: 80x96x112 fits)
         "integrate_steps": 0,       # > 0: residuals are velocities integrated with this many squarings
         "mind_radius": 1,
         "mind_dilation": 1,         # head-grid voxels (2 input voxels at head_downsample 2)
@@ -110,18 +113,17 @@ class FMIRHead(RegistrationNetwork):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        check_shape(fixed, self.shape_multiple, self.name)
+    def encode(self, images: torch.Tensor, subset: torch.Tensor | None) -> list[torch.Tensor]:
+        """Context features of ``images`` on the head grid and its pooled levels, finest first."""
         down = int(self.config["head_downsample"])
-        head_shape = tuple(int(n) // down for n in fixed.shape[2:])
-        subset = None
-        if self.training and self.channels < self.raw_channels:
-            subset = torch.randperm(self.raw_channels, device=fixed.device)[: self.channels]
-        fixed_pyramid = [self.features(fixed, subset, head_shape)]
-        moving_pyramid = [self.features(moving, subset, head_shape)]
+        head_shape = tuple(int(n) // down for n in images.shape[2:])
+        pyramid = [self.features(images, subset, head_shape)]
         for _ in range(len(self.fusion) - 1):
-            fixed_pyramid.append(F.avg_pool3d(fixed_pyramid[-1], 2))
-            moving_pyramid.append(F.avg_pool3d(moving_pyramid[-1], 2))
+            pyramid.append(F.avg_pool3d(pyramid[-1], 2))
+        return pyramid
+
+    def decode(self, fixed_pyramid: list[torch.Tensor], moving_pyramid: list[torch.Tensor]) -> torch.Tensor:
+        """Coarse-to-fine residual fields composed into the displacement on the input grid."""
         steps = int(self.config["integrate_steps"])
         field = None
         for level in reversed(range(len(self.fusion))):
@@ -133,4 +135,17 @@ class FMIRHead(RegistrationNetwork):
             if steps > 0:
                 residual = integrate_velocity(residual, steps)
             field = residual if field is None else compose(residual, field)
-        return upsample_field(field, down)
+        return upsample_field(field, int(self.config["head_downsample"]))
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        check_shape(fixed, self.shape_multiple, self.name)
+        subset = None
+        if self.training and self.channels < self.raw_channels:
+            subset = torch.randperm(self.raw_channels, device=fixed.device)[: self.channels]
+        return self.decode(self.encode(fixed, subset), self.encode(moving, subset))
+
+    def symmetric_forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """As the base class, with each image's features computed once for both directions."""
+        check_shape(fixed, self.shape_multiple, self.name)
+        fixed_pyramid, moving_pyramid = self.encode(fixed, None), self.encode(moving, None)
+        return 0.5 * (self.decode(fixed_pyramid, moving_pyramid) - self.decode(moving_pyramid, fixed_pyramid)).float()

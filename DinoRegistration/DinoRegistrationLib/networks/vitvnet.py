@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..geometry import integrate_velocity, upsample_field
 from .base import RegistrationNetwork
-from .blocks import ConvBlock, check_shape, flow_layer, upsample_to
+from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, upsample_to
 
 
 class ViTBottleneck(nn.Module):
@@ -24,7 +24,7 @@ class ViTBottleneck(nn.Module):
 
     def __init__(self, in_channels: int, embed: int, patch: int, layers: int, heads: int) -> None:
         super().__init__()
-        self.embed = nn.Conv3d(in_channels, embed, patch, stride=patch)
+        self.embed = Conv3d(in_channels, embed, patch, stride=patch)
         self.position = nn.Parameter(torch.zeros(1, embed, 4, 4, 4))
         nn.init.trunc_normal_(self.position, std=0.02)
         layer = nn.TransformerEncoderLayer(embed, heads, dim_feedforward=2 * embed, dropout=0.0, batch_first=True,
