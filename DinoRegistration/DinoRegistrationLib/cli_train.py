@@ -4,8 +4,9 @@
     dinoreg finetune --model runs/brain/model.safetensors --data my_scans/ --output runs/mine [--labels my_labels/]
 
 Both write ``OUTPUT/checkpoint.pt`` every few minutes and on Ctrl-C (resume with ``--resume``),
-``OUTPUT/log.csv`` and, at the end, ``OUTPUT/model.safetensors`` + ``OUTPUT/model.json``, which
-``dinoreg register --method`` accepts as a local model. Run them under
+``OUTPUT/log.csv`` and, at the end, ``OUTPUT/model.safetensors`` + ``OUTPUT/model.json``; with
+``--name NAME`` the model is also installed in the models folder, so ``dinoreg register --method
+NAME`` uses it. Run them under
 ``torchrun --nproc_per_node N -m DinoRegistrationLib.cli train ...`` to train on N processes.
 """
 

@@ -140,7 +140,7 @@ VALIDATIONS = ("real-brains", "data", "none")
 def read_toml(path: Path) -> dict:
     """Parse a TOML file (tomllib on Python >= 3.11, the ``tomli`` package before)."""
     if sys.version_info >= (3, 11):
-        import tomllib
+        import tomllib  # novermin (guarded by the version check)
     else:  # pragma: no cover - Python 3.9/3.10
         try:
             import tomli as tomllib
