@@ -18,7 +18,7 @@ config = { encoder = [8, 16], decoder = [8], output_level = 1, integrate_steps =
 [data]
 source = "random-shapes"
 shape = [16, 16, 16]
-max_velocity_voxels = 2.0
+max_velocity_mm = 4.0
 [loss]
 lncc = 1.0
 dice = 0.0

@@ -16,7 +16,7 @@ from DinoRegistrationLib.training.config import load_config, parse_config
 TINY = {
     "seed": 3,
     "network": {"name": "unet", "config": {"encoder": [8, 16, 16], "decoder": [16, 8], "output_level": 1, "integrate_steps": 4}},
-    "data": {"source": "random-shapes", "shape": [32, 32, 32], "max_velocity_voxels": 3.0},
+    "data": {"source": "random-shapes", "shape": [32, 32, 32], "max_velocity_mm": 6.0},
     "loss": {"lncc": 1.0, "dice": 0.0, "diffusion": 0.05, "lncc_window": 5},
     "optimiser": {"learning_rate": 2e-3},
     "run": {"steps": 40, "log_every": 5, "validate_every": 0, "threads": 1},
@@ -146,3 +146,20 @@ def test_finetune_through_the_cli(tmp_path, monkeypatch):
     assert card["training"]["initialised_from"]["model"] == str(base)
     assert main(["finetune", "--model", str(tmp_path / "nothing.safetensors"), "--data", str(tmp_path / "scans"),
                  "--output", str(tmp_path / "x")]) == 2
+
+
+def test_fmir_channel_basis_is_fitted_on_training_features(tmp_path):
+    from safetensors.torch import load_file
+
+    from DinoRegistrationLib.training.trainer import train
+
+    raw = json.loads(json.dumps(TINY))
+    raw["network"] = {"name": "fmir", "config": {"backend": "mind", "channels": 6, "levels": 2, "head_downsample": 2,
+                                                 "context_channels": 4, "context_layers": 1}}
+    raw["run"]["steps"] = 2
+    path = train(parse_config(raw, "test"), tmp_path / "fmir", progress_bar=False)
+    weights = load_file(str(path))
+    assert bool(weights["channel_basis_fitted"])
+    basis = weights["channel_basis"]
+    assert basis.shape == (6, 12) and not torch.allclose(basis, torch.eye(12)[:6])  # a fitted SVD basis
+    assert torch.allclose(basis @ basis.T, torch.eye(6), atol=1e-4)  # orthonormal rows

@@ -42,7 +42,7 @@ def base_config(args: argparse.Namespace) -> TrainingConfig:
         "seed": args.seed,
         "network": {"name": "unet", "config": {"encoder": [16, 32, 32], "decoder": [32, 16], "output_level": 1, "integrate_steps": 7}},
         "data": {"source": "synthseg", "spacing_mm": float(spacing), "shape": shape, "cache": str(args.cache),
-                 "max_velocity_voxels": 8.0 / spacing},
+                 "max_velocity_mm": 6.0},
         "loss": {"dice": 1.0, "lncc": 0.3, "diffusion": 0.3, "lncc_window": 3, "dice_downsample": 1},
         "optimiser": {"name": "adam", "learning_rate": 5e-4},
         "run": {"steps": args.steps, "threads": args.threads, "validate_every": args.validate_every,
@@ -67,7 +67,9 @@ def arm_configs(args: argparse.Namespace) -> dict[str, TrainingConfig]:
 
 def validation_curve(folder: Path, offset: int = 0) -> list[tuple[int, float]]:
     """(step, mean real-pair Dice) rows of a run's log.csv, steps shifted by ``offset``."""
-    rows = []
+    rows: list[tuple[int, float]] = []
+    if not (folder / "log.csv").exists():
+        return rows
     with open(folder / "log.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             if row["key"] == "val/dice":
@@ -86,7 +88,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "pretraining_study.png")
+    parser.add_argument("--report-only", action="store_true", help="plot and tabulate the runs as they are now")
     args = parser.parse_args()
+    if args.report_only:
+        report(args)
+        return
     configs = arm_configs(args)
     for name in ("pretrain", "pretrained", "pretrained-2maps", "scratch"):
         folder = args.output / name
@@ -98,7 +104,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    pre = validation_curve(args.output / "pretrain")
+    pre = [(s, d) for s, d in validation_curve(args.output / "pretrain") if s <= args.pretrain_steps]
     curves = {"scratch": validation_curve(args.output / "scratch"),
               "pretrained": pre + validation_curve(args.output / "pretrained", args.pretrain_steps)[1:],
               "pretrained-2maps": pre + validation_curve(args.output / "pretrained-2maps", args.pretrain_steps)[1:]}
@@ -124,7 +130,7 @@ def report(args: argparse.Namespace) -> None:
     print("| steps | " + " | ".join(labels[n] for n in curves) + " |")
     print("|---|" + "---|" * len(curves))
     for step in steps:
-        cells = [next((f"{d:.3f}" for s, d in curves[n] if s == step), "") for n in curves]
+        cells = [next((f"{d:.4f}" for s, d in curves[n] if s == step), "") for n in curves]
         print(f"| {step} | " + " | ".join(cells) + " |")
 
 

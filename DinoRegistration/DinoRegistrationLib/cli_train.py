@@ -1,11 +1,12 @@
 """``dinoreg train`` and ``dinoreg finetune``: the command-line side of ``training/``.
 
-    dinoreg train --config configs/unet-synthseg.toml --output runs/lite [--steps N] [--resume]
-    dinoreg finetune --model lite-unet-brain --data my_scans/ --output runs/mine [--labels my_labels/]
+    dinoreg train --config configs/unet-synthseg.toml --output runs/brain [--steps N] [--resume]
+    dinoreg finetune --model runs/brain/model.safetensors --data my_scans/ --output runs/mine [--labels my_labels/]
 
 Both write ``OUTPUT/checkpoint.pt`` every few minutes and on Ctrl-C (resume with ``--resume``),
-``OUTPUT/log.csv`` and, at the end, ``OUTPUT/model.safetensors`` + ``OUTPUT/model.json``, which
-``dinoreg register --method`` accepts as a local model. Run them under
+``OUTPUT/log.csv`` and, at the end, ``OUTPUT/model.safetensors`` + ``OUTPUT/model.json``; with
+``--name NAME`` the model is also installed in the models folder, so ``dinoreg register --method
+NAME`` uses it. Run them under
 ``torchrun --nproc_per_node N -m DinoRegistrationLib.cli train ...`` to train on N processes.
 """
 
@@ -18,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_EPILOG = """examples:
-  dinoreg train --config configs/unet-synthseg.toml --output runs/lite
-  dinoreg train --config configs/unet-synthseg.toml --output runs/lite --resume   (continue after a stop)
+  dinoreg train --config configs/unet-synthseg.toml --output runs/brain
+  dinoreg train --config configs/unet-synthseg.toml --output runs/brain --resume   (continue after a stop)
   torchrun --nproc_per_node 4 -m DinoRegistrationLib.cli train --config FILE --output DIR   (DDP)
 The config is TOML with the sections [network] [data] [loss] [optimiser] [run] (see configs/).
 """
 
 FINETUNE_EPILOG = """examples:
-  dinoreg finetune --model lite-unet-brain --data scans/ --output runs/mine
-  dinoreg finetune --model runs/lite/model.safetensors --data list.csv --output runs/mine --steps 1000
+  dinoreg finetune --model my-brain --data scans/ --output runs/mine --name my-tuned   (an installed model)
+  dinoreg finetune --model runs/brain/model.safetensors --data list.csv --output runs/mine --steps 1000
 --data is a folder of images (NIfTI/NRRD/MHA/MGZ; affinely pre-aligned) or a CSV with columns image[,labels].
 """
 
@@ -89,7 +90,7 @@ def command_finetune(args: argparse.Namespace) -> int:
     config.data.path = str(args.data)
     config.data.labels_path = args.labels
     config.data.spacing_mm = float(card.get("preprocessing", {}).get("spacing_mm", config.data.spacing_mm))
-    config.data.max_velocity_voxels = 0.0
+    config.data.max_velocity_mm = 0.0
     config.run.init_model = str(weights)
     config.run.steps = args.steps
     config.optimiser.learning_rate = args.learning_rate

@@ -39,19 +39,23 @@ DICE_LABELS: list[int] = list(synthesis.EVAL_LABELS)
 
 @dataclass
 class BrainSynthSettings:
-    """Knobs of the on-the-fly synthesis (voxel units of the training grid)."""
+    """Knobs of the on-the-fly synthesis (deformations in mm, blur in voxels of the training grid)."""
 
     #: probability of fully random per-tissue intensities instead of the jittered T1 table
     random_contrast: float = 0.3
+    #: share of pairs made from ONE label map deformed twice: their true displacement is known
+    #: (``TrainingPair.displacement``), a dense supervised signal that trains much faster than Dice
+    same_subject: float = 0.0
     mean_jitter: float = 0.15
     max_within_class_cv: float = 0.10
     max_blur_sigma_voxels: float = 0.6
     max_bias_std: float = 0.2
     max_noise_std: float = 0.03
-    max_rotation_deg: float = 6.0
-    max_scaling: float = 0.06
-    max_translation_voxels: float = 3.0
-    max_velocity_voxels: float = 4.0
+    #: small: the maps are moment-aligned and real pairs are affinely aligned before the network
+    max_rotation_deg: float = 3.0
+    max_scaling: float = 0.03
+    max_translation_mm: float = 3.0
+    max_velocity_mm: float = 6.0
 
 
 @dataclass
@@ -63,18 +67,65 @@ class LabelMap:
     mask: torch.Tensor    # (1, 1, D, H, W) float, 1 inside the brain
 
 
-def prepare_label_map(number: int, spacing_mm: int, cache: Path) -> LabelMap:
-    """SynthSeg subject ``number`` (1..20) at ``spacing_mm`` (an integer: every n-th voxel), cached."""
-    path = cache / f"synthseg{number:02d}_{spacing_mm}mm_v{synthesis.SYNTH_VERSION}.npz"
+def lia_grid_volume(array_lia: np.ndarray, step: int, full_shape: tuple[int, ...]) -> "Volume":
+    """Every ``step``-th voxel of a 1 mm LIA box of ``full_shape`` (centred like ``synthesis.lia_volume``)."""
+    from ..volume import Grid, Volume
+
+    origin = -synthesis.LIA_DIRECTION_LPS @ ((np.asarray(full_shape, dtype=np.float64) - 1.0) / 2.0)
+    grid = Grid(tuple(array_lia.shape), origin, np.full(3, float(step)), synthesis.LIA_DIRECTION_LPS)
+    return Volume(np.ascontiguousarray(array_lia.transpose(2, 1, 0)), grid)
+
+
+def reference_alignment(number: int, labels: np.ndarray, reference: np.ndarray, cache: Path) -> "Transform":
+    """Affine (reference -> subject, LPS mm) of the engine's affine stage between T1 images
+    synthesised at 2 mm from the two label maps; cached as a 4x4 matrix (any training spacing)."""
+    from ..transforms import AffineMap, Transform
+    from .real_pairs import affine_transform
+
+    path = cache / f"synthseg{number:02d}_to_01_affine_v{synthesis.SYNTH_VERSION}.npy"
     if not path.exists():
+        fixed = lia_grid_volume(synthesis.synthesize_t1(reference[::2, ::2, ::2], seed=1), 2, reference.shape)
+        moving = lia_grid_volume(synthesis.synthesize_t1(labels[::2, ::2, ::2], seed=2), 2, labels.shape)
+        step = affine_transform(fixed, moving).steps[0]
+        partial = path.with_name(path.name + ".partial.npy")
+        np.save(partial, step.homogeneous)
+        partial.replace(path)
+    return Transform([AffineMap.from_homogeneous(np.load(path))])
+
+
+def load_cropped(number: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generation labels (LIA, cropped to the benchmark box around the brain) and their brain mask."""
+    labels = synthesis.load_lia_labels(synthesis.SYNTHSEG_DIR / f"training_seg_{number:02d}.nii.gz")
+    box = np.argwhere(~np.isin(labels, list(synthesis.NOT_BRAIN)))
+    labels = synthesis.crop_or_pad(labels, (box.min(0) + box.max(0)) / 2.0, synthesis.CROP_SHAPE)
+    return labels, synthesis.brain_mask(labels)
+
+
+def prepare_label_map(number: int, spacing_mm: int, cache: Path) -> LabelMap:
+    """SynthSeg subject ``number`` (1..20) at ``spacing_mm`` (an integer: every n-th voxel), cached.
+
+    Every subject is affinely aligned to subject 1 first (the engine's affine stage on synthesised
+    T1 images), so pairs start as roughly aligned as real pairs after the affine stage.
+    """
+    path = cache / f"synthseg{number:02d}_{spacing_mm}mm_aligned_v{synthesis.SYNTH_VERSION}.npz"
+    if not path.exists():
+        from ..transforms import warp_volume
+
         cache.mkdir(parents=True, exist_ok=True)
-        labels = synthesis.load_lia_labels(synthesis.SYNTHSEG_DIR / f"training_seg_{number:02d}.nii.gz")
-        box = np.argwhere(~np.isin(labels, list(synthesis.NOT_BRAIN)))
-        labels = synthesis.crop_or_pad(labels, (box.min(0) + box.max(0)) / 2.0, synthesis.CROP_SHAPE)
-        mask = synthesis.brain_mask(labels)
         step = int(spacing_mm)
+        labels, mask = load_cropped(number)
+        reference = load_cropped(1)[0] if number != 1 else labels
+        target = lia_grid_volume(reference[::step, ::step, ::step], step, reference.shape).grid
+        transform = reference_alignment(number, labels, reference, cache) if number != 1 else None
+        out = []
+        for array in (labels.astype(np.int16), mask.astype(np.uint8)):
+            if transform is None:
+                out.append(array[::step, ::step, ::step])
+            else:
+                source = lia_grid_volume(array, 1, array.shape)
+                out.append(warp_volume(source, transform, target, mode="nearest").array.transpose(2, 1, 0))
         partial = path.with_suffix(".partial.npz")
-        np.savez_compressed(partial, labels=labels[::step, ::step, ::step], mask=mask[::step, ::step, ::step])
+        np.savez_compressed(partial, labels=out[0], mask=out[1] > 0)
         partial.replace(path)
     data = np.load(path)
     return LabelMap(f"synthseg{number:02d}", torch.from_numpy(data["labels"].astype(np.int64))[None, None],
@@ -96,7 +147,8 @@ def lookup_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, tor
     return tissue.to(device), dice.to(device)
 
 
-def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator: torch.Generator,
+                     spacing_mm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels and mask warped by a random affine composed with a random diffeomorphism.
 
     The velocity field is drawn and integrated at half resolution (it is smooth at that scale; 8x
@@ -106,14 +158,15 @@ def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator:
     shape = tuple(subject.labels.shape[2:])
     half = tuple(max(2, s // 2) for s in shape)
     matrix = random_affine_matrix(generator, settings.max_rotation_deg, settings.max_scaling,
-                                  settings.max_translation_voxels, shape)
-    velocity = random_velocity(half, settings.max_velocity_voxels / 2, generator, cell_voxels=(8.0, 4.0), device=device)
+                                  settings.max_translation_mm / spacing_mm, shape)
+    cells = (32.0 / spacing_mm, 16.0 / spacing_mm)  # 64 mm and 32 mm features on the half-resolution grid
+    velocity = random_velocity(half, settings.max_velocity_mm / spacing_mm / 2, generator, cell_voxels=cells, device=device)
     displacement = resize_field(integrate_velocity(velocity, steps=5), shape)
     # x -> A(x + phi(x)): the diffeomorphism first, then the affine (one resampling of the labels)
     affine = affine_displacement(matrix, shape, device)
     total = displacement + warp(affine, displacement)
     both = warp(torch.cat([subject.labels.float(), subject.mask], dim=1), total, mode="nearest")
-    return both[:, :1].long(), both[:, 1:]
+    return both[:, :1].long(), both[:, 1:], total
 
 
 def synthesise_image(labels: torch.Tensor, mask: torch.Tensor, tissue_lut: torch.Tensor, settings: BrainSynthSettings,
@@ -165,15 +218,27 @@ class BrainPairSampler:
         self.settings = settings or BrainSynthSettings()
         self.tissue_lut, self.dice_lut = lookup_tables(device)
         self.shape = tuple(self.maps[0].labels.shape[2:])
+        self.spacing_mm = float(spacing_mm)
 
     def sample(self, generator: torch.Generator) -> TrainingPair:
         """A fixed/moving pair from two different subjects when there are several."""
         count = len(self.maps)
         first = int(torch.randint(count, (), generator=generator, device=generator.device))
         second = first if count == 1 else (first + 1 + int(torch.randint(count - 1, (), generator=generator, device=generator.device))) % count
-        images, labels = [], []
+        same = uniform(generator, 0.0, 1.0) < self.settings.same_subject
+        if same:
+            second = first
+        images, labels, fields = [], [], []
         for index in (first, second):
-            warped, mask = deform_label_map(self.maps[index], self.settings, generator)
+            warped, mask, field = deform_label_map(self.maps[index], self.settings, generator, self.spacing_mm)
             images.append(synthesise_image(warped, mask, self.tissue_lut, self.settings, generator))
             labels.append(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)])
-        return TrainingPair(images[0], images[1], labels[0], labels[1])
+            fields.append(field)
+        truth = None
+        if same:
+            # fixed voxel x shows anatomy at x + d1(x); the moving voxel showing it is that point
+            # mapped through the inverse of y -> y + d2(y): u = compose(d1, inverse(d2))
+            from ..geometry import compose, invert
+
+            truth = compose(fields[0], invert(fields[1], iterations=20)[0])
+        return TrainingPair(images[0], images[1], labels[0], labels[1], truth)

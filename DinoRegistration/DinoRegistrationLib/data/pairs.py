@@ -16,14 +16,19 @@ class TrainingPair:
     moving: torch.Tensor
     fixed_labels: Optional[torch.Tensor] = None
     moving_labels: Optional[torch.Tensor] = None
+    #: the true fixed -> moving voxel displacement ``(N, 3, D, H, W)`` when known (synthetic pairs of one anatomy)
+    displacement: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "TrainingPair":
         move = (lambda t: None if t is None else t.to(device))
-        return TrainingPair(move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels))
+        return TrainingPair(move(self.fixed), move(self.moving), move(self.fixed_labels), move(self.moving_labels),
+                            move(self.displacement))
 
 
 def stack_pairs(pairs: list[TrainingPair]) -> TrainingPair:
-    """Concatenate pairs along the batch axis (all must have labels or none)."""
-    cat = (lambda items: None if items[0] is None else torch.cat(items, dim=0))
+    """Concatenate pairs along the batch axis (all must have labels or none; a true displacement is
+    kept only when every pair has one)."""
+    cat = (lambda items: None if any(item is None for item in items) else torch.cat(items, dim=0))
     return TrainingPair(cat([p.fixed for p in pairs]), cat([p.moving for p in pairs]),
-                        cat([p.fixed_labels for p in pairs]), cat([p.moving_labels for p in pairs]))
+                        cat([p.fixed_labels for p in pairs]), cat([p.moving_labels for p in pairs]),
+                        cat([p.displacement for p in pairs]))

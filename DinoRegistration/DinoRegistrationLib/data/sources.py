@@ -39,7 +39,7 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
     if data.source == "random-shapes":
         if any(int(s) % multiple for s in data.shape):
             raise InputError(f"data.shape {list(data.shape)} must be multiples of {multiple} for this network")
-        return RandomShapeSource(data.shape, data.max_velocity_voxels, device)
+        return RandomShapeSource(data.shape, data.max_velocity_mm / data.spacing_mm, device)
     if data.source == "synthseg":
         from . import synthesis
         from .brain_pairs import DICE_LABELS, BrainPairSampler, BrainSynthSettings
@@ -51,7 +51,8 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
             raise InputError(f"data.subjects must list SynthSeg label maps 1..20, got {list(data.subjects)}")
         if not synthesis.SYNTHSEG_DIR.is_dir():
             raise InputError(f"SynthSeg label maps not found in {synthesis.SYNTHSEG_DIR}: set DINOREG_SHARED_DATA to the folder holding synthseg/")
-        settings = BrainSynthSettings(random_contrast=data.random_contrast, max_velocity_voxels=data.max_velocity_voxels)
+        settings = BrainSynthSettings(random_contrast=data.random_contrast, max_velocity_mm=data.max_velocity_mm,
+                                      same_subject=data.same_subject)
         source = BrainPairSampler(data.subjects, int(data.spacing_mm), cache, settings, device)
         if any(s % multiple for s in source.shape):
             raise InputError(f"synthseg volumes at {data.spacing_mm} mm are {source.shape}: not multiples of {multiple}")
@@ -60,7 +61,7 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
     from .volumes import VolumePairSampler, csv_entries, folder_entries
 
     entries = folder_entries(data.path, data.labels_path) if data.source == "folder" else csv_entries(data.path)
-    source = VolumePairSampler(entries, data.spacing_mm, multiple, data.max_velocity_voxels, device)
+    source = VolumePairSampler(entries, data.spacing_mm, multiple, data.max_velocity_mm / data.spacing_mm, device)
     if data.label_ids:
         source.label_ids = list(data.label_ids)
     return source

@@ -61,7 +61,10 @@ class DataConfig:
     label_ids: list = field(default_factory=list)
     cache: str = ""
     random_contrast: float = 0.3
-    max_velocity_voxels: float = 4.0
+    #: synthseg: share of pairs made from one label map deformed twice (true displacement known)
+    same_subject: float = 0.0
+    #: largest random velocity (mm) of the on-the-fly deformations (random shapes, synthseg, folder augmentation)
+    max_velocity_mm: float = 8.0
 
 
 @dataclass
@@ -78,6 +81,8 @@ class LossConfig:
     lncc_window: int = 5
     #: Dice is computed on label maps and field subsampled by this factor (as SynthMorph: 8x cheaper at 2)
     dice_downsample: int = 2
+    #: mean squared error (voxels^2) to the true displacement, on pairs that have one (data.same_subject)
+    supervised: float = 0.0
 
 
 @dataclass
@@ -135,7 +140,7 @@ VALIDATIONS = ("real-brains", "data", "none")
 def read_toml(path: Path) -> dict:
     """Parse a TOML file (tomllib on Python >= 3.11, the ``tomli`` package before)."""
     if sys.version_info >= (3, 11):
-        import tomllib
+        import tomllib  # novermin (guarded by the version check)
     else:  # pragma: no cover - Python 3.9/3.10
         try:
             import tomli as tomllib

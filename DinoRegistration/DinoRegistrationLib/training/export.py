@@ -113,3 +113,24 @@ def read_model_weights(name_or_path: str) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as error:
         raise InputError(f"model weights {path} could not be read ({error}): the file is corrupted, train or fetch it again") from None
+
+
+def export_checkpoint(run_folder: Path, destination: Path) -> Path:
+    """The model of a run's latest ``checkpoint.pt`` (e.g. of a run still going) saved as
+    ``destination/model.safetensors`` + ``model.json``; the card says which step it is."""
+    from .checkpoint import load_checkpoint
+    from .config import parse_config
+    from .networks import build_training_network
+    from .trainer import hardware_description
+
+    state = load_checkpoint(Path(run_folder))
+    if state is None:
+        raise InputError(f"no checkpoint.pt in {run_folder}: nothing to export")
+    raw = dict(state["config"])
+    config = parse_config(raw, f"{run_folder}/checkpoint.pt")
+    network = build_training_network(config.network.name, config.network.config)
+    network.load_state_dict(state["network"])
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    return export_trained_model(network, config, destination, state["step"], state["wall_s"], state["history"],
+                                hardware_description(torch.device("cpu"), 1))

@@ -119,14 +119,15 @@ class TrainingLoss:
     """
 
     def __init__(self, loss_config, label_ids: list, registration_loss_class) -> None:
-        weights = {k: v for k, v in vars(loss_config).items() if k not in ("lncc_window", "dice_downsample", "dice")}
+        weights = {k: v for k, v in vars(loss_config).items() if k not in ("lncc_window", "dice_downsample", "dice", "supervised")}
+        self.supervised_weight = loss_config.supervised
         self.image_terms = registration_loss_class(weights, lncc_window=loss_config.lncc_window)
         self.dice_weight = loss_config.dice if label_ids else 0.0
         self.label_ids = label_ids
         self.factor = max(1, int(loss_config.dice_downsample))
         self.parts: dict[str, float] = {}
 
-    def __call__(self, fixed, moving, field, fixed_labels=None, moving_labels=None) -> torch.Tensor:
+    def __call__(self, fixed, moving, field, fixed_labels=None, moving_labels=None, truth=None) -> torch.Tensor:
         from ..geometry import warp
         from ..losses import dice_loss, one_hot
 
@@ -139,6 +140,10 @@ class TrainingLoss:
             dice = dice_loss(one_hot(fixed_labels[sub], self.label_ids), warped)
             total = total + self.dice_weight * dice
             self.parts["dice"] = float(self.dice_weight * dice.detach())
+        if self.supervised_weight and truth is not None:
+            error = ((field - truth) ** 2).sum(dim=1).mean()
+            total = total + self.supervised_weight * error
+            self.parts["supervised"] = float(self.supervised_weight * error.detach())
         return total
 
 
@@ -256,7 +261,8 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
             batch = stack_pairs(pairs)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 field = model(batch.fixed, batch.moving)
-            loss = loss_function(batch.fixed, batch.moving, field.float(), batch.fixed_labels, batch.moving_labels)
+            loss = loss_function(batch.fixed, batch.moving, field.float(), batch.fixed_labels, batch.moving_labels,
+                                 batch.displacement)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if config.optimiser.grad_clip > 0:
@@ -297,6 +303,7 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
         log.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    fit_feature_basis(network, source, config.seed)
     checkpoint()
     record_rank_agreement(network, context, output, first_loss)
     if not context.is_main:
@@ -304,6 +311,25 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
     from .export import export_trained_model
 
     return export_trained_model(network, config, output, step, wall(), history, hardware_description(device, context.world_size))
+
+
+@torch.no_grad()
+def fit_feature_basis(network: torch.nn.Module, source: Any, seed: int, pairs: int = 8, voxels: int = 20_000) -> None:
+    """Networks that reduce frozen features to fewer channels at inference (FMIR: a PCA basis) fit
+    that basis here, on TRAINING pairs (never on the pairs being registered), and store it in the
+    weights. Identical on every rank (same seed, same pairs)."""
+    if not hasattr(network, "fit_channel_basis") or getattr(network, "channels", 0) >= getattr(network, "raw_channels", 0):
+        return
+    generator = torch.Generator(device=next(network.parameters()).device).manual_seed(seed + 99_991)
+    samples = []
+    for _ in range(pairs):
+        pair = source.sample(generator)
+        for image in (pair.fixed, pair.moving):
+            features = network.raw_features(image).flatten(2)[0].T  # (voxels, raw_channels)
+            index = torch.randint(features.shape[0], (min(voxels, features.shape[0]),), generator=generator,
+                                  device=generator.device)
+            samples.append(features[index.to(features.device)])
+    network.fit_channel_basis(torch.cat(samples))
 
 
 def parameter_checksum(network: torch.nn.Module) -> float:
