@@ -166,7 +166,7 @@ def deform_label_map(subject: LabelMap, settings: BrainSynthSettings, generator:
     affine = affine_displacement(matrix, shape, device)
     total = displacement + warp(affine, displacement)
     both = warp(torch.cat([subject.labels.float(), subject.mask], dim=1), total, mode="nearest")
-    return both[:, :1].long(), both[:, 1:], total
+    return both[:, :1].to(torch.int64), both[:, 1:], total
 
 
 def synthesise_image(labels: torch.Tensor, mask: torch.Tensor, tissue_lut: torch.Tensor, settings: BrainSynthSettings,
