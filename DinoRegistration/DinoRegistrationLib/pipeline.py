@@ -23,7 +23,7 @@ from .methods.base import Method, RegistrationProblem, get_method, registry
 from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
-from .transforms import DenseField, Transform, jacobian_determinant, warp_volume
+from .transforms import DenseField, Transform, jacobian_determinant, warp_volume, warp_volumes
 from .validation import check_registration_inputs
 from .volume import Volume
 
@@ -138,9 +138,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     check_transform_finite(transform, method_name)
 
     progress.stage("warping")
-    warped = warp_volume(moving, transform, fixed.grid, "linear", device)
+    to_warp = [(moving, "linear")] + ([(moving_labels, "nearest")] if moving_labels is not None else [])
+    warped, *warped_rest = warp_volumes(to_warp, transform, fixed.grid, device)  # one set of mapped points
+    warped_labels = warped_rest[0] if warped_rest else None
     moving_on_fixed_grid = warp_volume(moving, Transform(), fixed.grid, "linear", device)
-    warped_labels = warp_volume(moving_labels, transform, fixed.grid, "nearest", device) if moving_labels is not None else None
     progress.update(1.0)
 
     inverse, inverse_residual = None, None

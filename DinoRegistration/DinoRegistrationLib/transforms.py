@@ -214,16 +214,25 @@ def warp_volume(moving: Volume, transform: Transform, target: Grid, mode: str = 
     ``mode`` is 'linear' (trilinear, images) or 'nearest' (label maps). The moving pixel type is
     kept (rounded for integer types). Processes the target in slabs of k so memory stays bounded.
     """
-    source = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32)).to(device)[None, None]
-    out = np.empty(target.shape, dtype=np.float32)
+    return warp_volumes([(moving, mode)], transform, target, device, default_value, slab_voxels)[0]
+
+
+def warp_volumes(volumes: list[tuple[Volume, str]], transform: Transform, target: Grid,
+                 device: torch.device | str = "cpu", default_value: float = 0.0,
+                 slab_voxels: int = 8_000_000) -> list[Volume]:
+    """:func:`warp_volume` for several ``(volume, mode)`` pairs through one transform: the mapped
+    points of each slab are computed once and sampled in every volume (an image and its labels)."""
+    sources = [torch.from_numpy(np.ascontiguousarray(v.array, dtype=np.float32)).to(device)[None, None] for v, _ in volumes]
+    outs = [np.empty(target.shape, dtype=np.float32) for _ in volumes]
     slab = max(1, slab_voxels // (target.shape[1] * target.shape[2]))
-    torch_mode = "bilinear" if mode == "linear" else "nearest"
     for k0 in range(0, target.shape[0], slab):
         k1 = min(target.shape[0], k0 + slab)
         points = transform.mapped_points(target, device, (k0, k1))
-        sampled = sample_with_default(source, moving.grid, points, torch_mode, default_value)
-        out[k0:k1] = sampled[0, 0].cpu().numpy()
-    return Volume(cast_like(out, moving.array.dtype), target)
+        for (volume, mode), source, out in zip(volumes, sources, outs):
+            torch_mode = "bilinear" if mode == "linear" else "nearest"
+            sampled = sample_with_default(source, volume.grid, points, torch_mode, default_value)
+            out[k0:k1] = sampled[0, 0].cpu().numpy()
+    return [Volume(cast_like(out, volume.array.dtype), target) for (volume, _), out in zip(volumes, outs)]
 
 
 def sample_with_default(source: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str, default_value: float) -> torch.Tensor:
