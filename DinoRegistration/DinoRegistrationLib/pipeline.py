@@ -23,7 +23,7 @@ from .methods.base import Method, RegistrationProblem, get_method, registry
 from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
-from .transforms import DenseField, Transform, jacobian_determinant, warp_volume
+from .transforms import DenseField, Transform, jacobian_determinant, warp_volume, warp_volumes
 from .validation import check_registration_inputs
 from .volume import Volume
 
@@ -138,9 +138,14 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     check_transform_finite(transform, method_name)
 
     progress.stage("warping")
-    warped = warp_volume(moving, transform, fixed.grid, "linear", device)
+    # Where every fixed voxel lands, computed once for the warps and the Jacobian when it is small
+    # enough to keep (12 bytes a voxel; larger grids are mapped slab by slab in each of them).
+    keep_mapped = options.compute_jacobian and fixed.grid.shape[0] * fixed.grid.shape[1] * fixed.grid.shape[2] <= MAPPED_POINTS_KEPT_VOXELS
+    mapped = transform.mapped_points(fixed.grid, device) if keep_mapped else None
+    to_warp = [(moving, "linear")] + ([(moving_labels, "nearest")] if moving_labels is not None else [])
+    warped, *warped_rest = warp_volumes(to_warp, transform, fixed.grid, device, mapped=mapped)
+    warped_labels = warped_rest[0] if warped_rest else None
     moving_on_fixed_grid = warp_volume(moving, Transform(), fixed.grid, "linear", device)
-    warped_labels = warp_volume(moving_labels, transform, fixed.grid, "nearest", device) if moving_labels is not None else None
     progress.update(1.0)
 
     inverse, inverse_residual = None, None
@@ -150,7 +155,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     jacobian = None
     if options.compute_jacobian:
         progress.stage("jacobian")
-        jacobian = fixed.with_array(jacobian_determinant(transform, fixed.grid, device))
+        jacobian = fixed.with_array(jacobian_determinant(transform, fixed.grid, device, mapped=mapped))
+    del mapped
 
     heatmap, heatmap_before = difference_maps(fixed, moving, warped, moving_on_fixed_grid)
     progress.finish()
@@ -163,6 +169,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
+
+
+#: fixed grids up to this many voxels keep their mapped points (12 bytes a voxel) between warping and Jacobian
+MAPPED_POINTS_KEPT_VOXELS = 16_000_000
 
 
 def check_inputs_finite(volumes: dict[str, Volume | None]) -> None:

@@ -214,16 +214,26 @@ def warp_volume(moving: Volume, transform: Transform, target: Grid, mode: str = 
     ``mode`` is 'linear' (trilinear, images) or 'nearest' (label maps). The moving pixel type is
     kept (rounded for integer types). Processes the target in slabs of k so memory stays bounded.
     """
-    source = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32)).to(device)[None, None]
-    out = np.empty(target.shape, dtype=np.float32)
+    return warp_volumes([(moving, mode)], transform, target, device, default_value, slab_voxels)[0]
+
+
+def warp_volumes(volumes: list[tuple[Volume, str]], transform: Transform, target: Grid,
+                 device: torch.device | str = "cpu", default_value: float = 0.0,
+                 slab_voxels: int = 8_000_000, mapped: torch.Tensor | None = None) -> list[Volume]:
+    """:func:`warp_volume` for several ``(volume, mode)`` pairs through one transform: the mapped
+    points of each slab are computed once and sampled in every volume (an image and its labels).
+    ``mapped``: ``transform.mapped_points(target)`` when the caller already has them (else computed)."""
+    sources = [torch.from_numpy(np.ascontiguousarray(v.array, dtype=np.float32)).to(device)[None, None] for v, _ in volumes]
+    outs = [np.empty(target.shape, dtype=np.float32) for _ in volumes]
     slab = max(1, slab_voxels // (target.shape[1] * target.shape[2]))
-    torch_mode = "bilinear" if mode == "linear" else "nearest"
     for k0 in range(0, target.shape[0], slab):
         k1 = min(target.shape[0], k0 + slab)
-        points = transform.mapped_points(target, device, (k0, k1))
-        sampled = sample_with_default(source, moving.grid, points, torch_mode, default_value)
-        out[k0:k1] = sampled[0, 0].cpu().numpy()
-    return Volume(cast_like(out, moving.array.dtype), target)
+        points = mapped[k0:k1] if mapped is not None else transform.mapped_points(target, device, (k0, k1))
+        for (volume, mode), source, out in zip(volumes, sources, outs):
+            torch_mode = "bilinear" if mode == "linear" else "nearest"
+            sampled = sample_with_default(source, volume.grid, points, torch_mode, default_value)
+            out[k0:k1] = sampled[0, 0].cpu().numpy()
+    return [Volume(cast_like(out, volume.array.dtype), target) for (volume, _), out in zip(volumes, outs)]
 
 
 def sample_with_default(source: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str, default_value: float) -> torch.Tensor:
@@ -245,12 +255,13 @@ def cast_like(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def jacobian_determinant(transform: Transform, grid: Grid, device: torch.device | str = "cpu",
-                         slab: int = 16) -> np.ndarray:
+                         slab: int = 16, mapped: torch.Tensor | None = None) -> np.ndarray:
     """Determinant of the Jacobian of ``transform`` at each voxel of ``grid`` (float32, [k, j, i]).
 
     Central differences in index space (one-sided at the grid border), converted to physical
     derivatives with ``(Direction diag(spacing))^-1``. 1 means volume preserved, <= 0 folding.
-    Computed in slabs of k (with a one-slice halo) so memory stays bounded.
+    Computed in slabs of k (with a one-slice halo) so memory stays bounded. ``mapped``:
+    ``transform.mapped_points(grid)`` when the caller already has them (else computed per slab).
     """
     to_index = torch.as_tensor(np.linalg.inv(grid.direction @ np.diag(grid.spacing)), dtype=torch.float32, device=device)
     depth = grid.shape[0]
@@ -258,9 +269,9 @@ def jacobian_determinant(transform: Transform, grid: Grid, device: torch.device 
     for k0 in range(0, depth, slab):
         k1 = min(depth, k0 + slab)
         h0, h1 = max(0, k0 - 1), min(depth, k1 + 1)
-        mapped = transform.mapped_points(grid, device, (h0, h1))
-        d_dk = torch.gradient(mapped, dim=0)[0] if h1 - h0 > 1 else torch.zeros_like(mapped)
-        d_dj, d_di = torch.gradient(mapped, dim=(1, 2))
+        points = mapped[h0:h1] if mapped is not None else transform.mapped_points(grid, device, (h0, h1))
+        d_dk = torch.gradient(points, dim=0)[0] if h1 - h0 > 1 else torch.zeros_like(points)
+        d_dj, d_di = torch.gradient(points, dim=(1, 2))
         d_index = torch.stack([d_di, d_dj, d_dk], dim=-1)[k0 - h0:k1 - h0]  # (..., 3 outputs, 3 index axes)
         out[k0:k1] = determinant_3x3(d_index @ to_index).cpu().numpy()
     return out

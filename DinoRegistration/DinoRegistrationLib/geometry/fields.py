@@ -99,14 +99,15 @@ def invert(displacement: torch.Tensor, iterations: int = 30,
     and ``residual = |v(x) + u(x + v(x))|`` ``(N, 1, D, H, W)`` in voxels (``residual.amax()`` is
     the worst voxel; points whose image leaves the grid see the border-extended field).
     """
+    # |r| as sqrt(sum r^2): torch's norm over the channel axis of a (N, 3, D, H, W) tensor is ~15x slower on CPU
     inverse = -displacement
     residual_field = inverse + warp(displacement, inverse)
     for _ in range(iterations):
-        if float(residual_field.detach().norm(dim=1).amax()) < tolerance:
+        if float(residual_field.detach().square().sum(dim=1).amax()) < tolerance ** 2:
             break
         inverse = inverse - residual_field  # = -u(x + v(x))
         residual_field = inverse + warp(displacement, inverse)
-    return inverse, residual_field.norm(dim=1, keepdim=True)
+    return inverse, residual_field.square().sum(dim=1, keepdim=True).sqrt_()
 
 
 def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -228,9 +228,9 @@ def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: Sea
 
     ``cost[d, c] = sum_channels (source_block(c) - target_block(c + candidate_d))^2`` where blocks
     are ``grid_spacing`` wide feature means (``source`` = the image the field is defined on); each
-    candidate's cost map is then smoothed over neighbouring control points. Candidates are processed
-    ``chunk_size`` at a time, so temporary memory is about ``chunk_size * channels * control points``
-    floats; the result does not depend on the chunk size. Costs are normalised to mean 1 over the
+    candidate's cost map is then smoothed over neighbouring control points, ``chunk_size`` candidates
+    at a time (temporary memory: one candidate's ``channels * control points`` floats, plus the
+    chunk's smoothing); the result does not depend on the chunk size. Costs are normalised to mean 1 over the
     control points that have data. Target blocks that leave the image see replicated border features.
 
     ``source_mask (1, 1, K, J, I)`` (on the source's grid, > 0.5 inside): each control point's cost
@@ -243,35 +243,29 @@ def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: Sea
     kc, jc, ic = geometry.control_shape
     channels = source.shape[1]
     device = source.device
-    # channels last, one row per control point: (P, C)
-    source_blocks = block_mean(source, g)[0, :, :kc, :jc, :ic].reshape(channels, -1).t().contiguous()
+    source_blocks = block_mean(source, g)[0, :, :kc, :jc, :ic]  # (C, Kc, Jc, Ic)
     # Target block means at every `step` voxel, padded so that every candidate block exists.
     pad = [r * x for x in s]
     padded = F.pad(target, (pad[2], pad[2], pad[1], pad[1], pad[0], pad[0]), mode="replicate")
-    target_blocks = F.avg_pool3d(padded, tuple(g), stride=tuple(s))[0]
+    target_blocks = F.avg_pool3d(padded, tuple(g), stride=tuple(s))[0]  # (C, Kt, Jt, It)
     del padded
-    tk, tj, ti = target_blocks.shape[1:]
-    target_rows = target_blocks.reshape(channels, -1).t().contiguous()  # (Kt * Jt * It, C)
-    del target_blocks
     ratio = [gg // ss for gg, ss in zip(g, s)]
-    # row of target_rows for control point c and candidate a (in steps): (c * ratio + a + r) per axis
-    ck, cj, ci = torch.meshgrid(*(torch.arange(n, device=device) * q for n, q in zip((kc, jc, ic), ratio)), indexing="ij")
-    base = ((ck + r) * tj + (cj + r)) * ti + (ci + r)
-    base = base.reshape(-1)
+    # Control point c and candidate a (in steps) read target block c * ratio + a + r per axis: for
+    # one candidate that is a strided slice of target_blocks, so no gather is needed (a gather of
+    # every (candidate, control point) row was 5x slower on CPU).
     candidates = geometry.candidates.to(device).long()
-    offsets = (candidates[:, 0] * tj + candidates[:, 1]) * ti + candidates[:, 2]
     count = candidates.shape[0]
     cost = torch.empty((count, kc, jc, ic), dtype=torch.float32, device=device)
-    # at most ~64 M gathered feature values (256 MB) per chunk, whatever chunk_size says
-    chunk_size = max(1, min(int(chunk_size), (64 * 2 ** 20) // max(1, base.numel() * channels)))
+    chunk_size = max(1, int(chunk_size))  # candidates smoothed at once
     start, end = progress_span
     for c0 in range(0, count, chunk_size):
         c1 = min(count, c0 + chunk_size)
-        rows = (offsets[c0:c1, None] + base[None, :]).reshape(-1)
-        moved = target_rows.index_select(0, rows).view(c1 - c0, -1, channels)
-        chunk = (moved - source_blocks.unsqueeze(0)).square_().sum(dim=2)
-        del moved
-        cost[c0:c1] = _box3(chunk.view(1, c1 - c0, kc, jc, ic), smoothing_passes)[0]
+        for d in range(c0, c1):
+            ak, aj, ai = (int(a) + r for a in candidates[d])
+            moved = target_blocks[:, ak:ak + ratio[0] * kc:ratio[0], aj:aj + ratio[1] * jc:ratio[1],
+                                  ai:ai + ratio[2] * ic:ratio[2]]
+            torch.sum(torch.sub(moved, source_blocks).square_(), 0, out=cost[d])
+        cost[c0:c1] = _box3(cost[c0:c1].unsqueeze(0), smoothing_passes)[0]
         if progress is not None:
             progress.update(start + (end - start) * c1 / count)
     if source_mask is not None:
@@ -288,12 +282,14 @@ def search_cost_volume(source: torch.Tensor, target: torch.Tensor, geometry: Sea
 
 
 def coupled_convex(cost: torch.Tensor, geometry: SearchGeometry, coupling_weights: Sequence[float],
-                   points_per_chunk: int = 16384) -> torch.Tensor:
+                   points_per_chunk: int = 256) -> torch.Tensor:
     """Globally regularised choice of candidates: the control-point field ``(1, 3, Kc, Jc, Ic)``.
 
     Alternates a point-wise argmin of ``cost + weight * |d - smooth_field|^2`` (d in steps) and a
     3x3x3 smoothing of the chosen displacements, for each weight in ``coupling_weights``.
-    Returned channels are (di, dj, dk) in working voxels.
+    Returned channels are (di, dj, dk) in working voxels. Control points are taken
+    ``points_per_chunk`` at a time: a (candidates x points) block that stays in the CPU cache
+    (256 points ran 2.8x faster than 16384 on a 729-candidate search).
     """
     candidates = geometry.candidates.to(cost.device)  # (D, 3) steps, (k, j, i)
     count = cost.shape[0]
