@@ -193,6 +193,7 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     import DinoRegistrationLib.data.sources as sources
     from DinoRegistrationLib.data.brain_pairs import normalise_foreground
     from DinoRegistrationLib.geometry import warp
+    from DinoRegistrationLib.models import load_model
     from DinoRegistrationLib.training.export import read_model_weights
     from DinoRegistrationLib.training.networks import build_training_network
     from DinoRegistrationLib.training.trainer import train
@@ -215,9 +216,11 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     network = build_training_network("unet", raw["network"]["config"])
     network.load_state_dict(read_model_weights(str(path)))
     network.eval()
+    exported, _ = load_model(path)  # what `dinoreg register --method <model.json>` loads
     p = source.pair
     with torch.no_grad():
         field = network(normalise_foreground(p.fixed), normalise_foreground(p.moving))
+        assert torch.equal(field, exported(normalise_foreground(p.fixed), normalise_foreground(p.moving)))
     assert float(field.norm(dim=1).mean()) > 0.3  # voxels: the untrained network gives ~1e-4
     by_hand = mean_dice(p.fixed_labels, warp(p.moving_labels, field, mode="nearest"), source.label_ids)
     assert val[40] == pytest.approx(by_hand, abs=1e-6)
