@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..geometry import integrate_velocity, upsample_field
+
 
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that always takes oneDNN (mkldnn) on the CPU.
@@ -62,3 +64,12 @@ def check_shape(image: torch.Tensor, multiple: int, name: str) -> None:
     if any(int(n) % multiple for n in image.shape[2:]):
         raise ValueError(f"{name} needs spatial sizes that are multiples of {multiple}, got {tuple(image.shape[2:])}: "
                          "pad the images (the learned methods do this)")
+
+
+def flow_to_displacement(flow: torch.Tensor, integrate_steps: int, output_level: int) -> torch.Tensor:
+    """The network's output: ``flow`` (a velocity integrated by ``integrate_steps`` squarings when
+    > 0, else a displacement) predicted on the grid halved ``output_level`` times, upsampled to the
+    input grid (voxel units rescaled with the grid)."""
+    if integrate_steps > 0:
+        flow = integrate_velocity(flow, integrate_steps)
+    return upsample_field(flow, 2 ** output_level)

@@ -22,9 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..geometry import integrate_velocity, upsample_field
 from .base import RegistrationNetwork
-from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, upsample_to
+from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, flow_to_displacement, upsample_to
 
 
 class DinoViTVNet(RegistrationNetwork):
@@ -96,11 +95,7 @@ class DinoViTVNet(RegistrationNetwork):
         for stage, skip in zip(self.up, (e2, e1, x)):
             y = upsample_to(y, skip)
             y = stage(torch.cat([y, skip], dim=1) if self.skips else y)
-        field = self.flow(y)
-        steps = int(self.config["integrate_steps"])
-        if steps > 0:
-            field = integrate_velocity(field, steps)
-        return upsample_field(field, 2 ** self.output_level)
+        return flow_to_displacement(self.flow(y), int(self.config["integrate_steps"]), self.output_level)
 
 
 class DinoEncoderDecoder(DinoViTVNet):

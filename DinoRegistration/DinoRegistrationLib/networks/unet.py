@@ -15,9 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..geometry import integrate_velocity, upsample_field
 from .base import RegistrationNetwork
-from .blocks import ConvBlock, check_shape, flow_layer, upsample_to
+from .blocks import ConvBlock, check_shape, flow_layer, flow_to_displacement, upsample_to
 
 
 class VoxelMorphUNet(RegistrationNetwork):
@@ -62,8 +61,4 @@ class VoxelMorphUNet(RegistrationNetwork):
         for stage in self.up:
             skip = skips.pop()
             x = stage(torch.cat([upsample_to(x, skip), skip], dim=1))
-        field = self.flow(x)
-        steps = int(self.config["integrate_steps"])
-        if steps > 0:
-            field = integrate_velocity(field, steps)
-        return upsample_field(field, 2 ** self.output_level)
+        return flow_to_displacement(self.flow(x), int(self.config["integrate_steps"]), self.output_level)

@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..geometry import integrate_velocity, upsample_field
 from .base import RegistrationNetwork
-from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, upsample_to
+from .blocks import Conv3d, ConvBlock, check_shape, flow_layer, flow_to_displacement, upsample_to
 
 
 class ViTBottleneck(nn.Module):
@@ -93,8 +92,4 @@ class ViTVNet(RegistrationNetwork):
             x = stage(torch.cat([upsample_to(x, skip), skip], dim=1))
         if self.final is not None:
             x = self.final(torch.cat([upsample_to(x, skips[0]), skips[0]], dim=1))
-        field = self.flow(x)
-        steps = int(self.config["integrate_steps"])
-        if steps > 0:
-            field = integrate_velocity(field, steps)
-        return upsample_field(field, 2 ** self.output_level)
+        return flow_to_displacement(self.flow(x), int(self.config["integrate_steps"]), self.output_level)
