@@ -49,3 +49,17 @@ def brain_scan_2mm(brain_scan):
     image, labels = brain_scan
     grid = image.grid.with_spacing(2.0)
     return warp_volume(image, Transform(), grid), warp_volume(labels, Transform(), grid, "nearest")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_model(tmp_path_factory) -> str:
+    """Folder of a one-layer random ViT with the DINOv2-with-registers layout (no pretrained weights exist here)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny_dino")
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(patch_size=14, image_size=56, num_register_tokens=4, hidden_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=1)
+    transformers.Dinov2WithRegistersModel(config).eval().save_pretrained(str(folder))
+    return str(folder)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import DEMO
 from DinoRegistrationLib.io import read_volume
@@ -24,18 +23,6 @@ def transform_arrays(transform: Transform) -> list[np.ndarray]:
         else:
             arrays += [step.displacement, step.grid.origin, step.grid.spacing]
     return arrays
-
-
-@pytest.fixture(scope="module")
-def tiny_dino_model(tmp_path_factory):
-    """A one-layer random ViT with the DINOv2-with-registers layout (no pretrained weights exist here)."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_dino")
-    torch.manual_seed(0)
-    config = transformers.Dinov2WithRegistersConfig(patch_size=14, image_size=56, num_register_tokens=4, hidden_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=1)
-    transformers.Dinov2WithRegistersModel(config).eval().save_pretrained(str(folder))
-    return str(folder)
 
 
 def options_for(name: str, tiny_dino_model: str | None) -> RegistrationOptions:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from DinoRegistrationLib import spatial
 from DinoRegistrationLib.methods.zeroshot import MindZeroShot
@@ -56,20 +55,13 @@ def test_mind_zeroshot_without_symmetrisation_or_affine_is_the_identity(brain_3m
 
 
 @pytest.mark.parametrize("method", ["dino-zeroshot", "dino-mind"])
-def test_dino_methods_of_a_volume_to_itself(brain_3mm, method, tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
+def test_dino_methods_of_a_volume_to_itself(brain_3mm, method, tmp_path, monkeypatch, tiny_dino_model):
     from DinoRegistrationLib.features.dino import forget_loaded_backbones
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("DINOREG_CACHE", str(tmp_path / "dinoreg_cache"))
-    torch.manual_seed(0)
-    config = Dinov2WithRegistersConfig(patch_size=14, image_size=56, num_register_tokens=4, hidden_size=64,
-                                       num_hidden_layers=1, num_attention_heads=1)
-    Dinov2WithRegistersModel(config).eval().save_pretrained(str(tmp_path / "tiny"))
-    params = {"model": str(tmp_path / "tiny"), "token_mm": 9.0, "slice_stride": 2, "pca_channels": 8}
+    params = {"model": tiny_dino_model, "token_mm": 9.0, "slice_stride": 2, "pca_channels": 8}
     try:
         for preset in ("default", "fast"):
             options = RegistrationOptions(method=method, preset=preset, params=params, compute_inverse=False,

@@ -300,24 +300,17 @@ def test_dino_methods_report_unavailable_when_the_backend_is_missing(monkeypatch
     assert zeroshot.MindZeroShot().availability().ok
 
 
-def test_dino_methods_run_end_to_end_with_a_tiny_local_model(tmp_path, monkeypatch):
+def test_dino_methods_run_end_to_end_with_a_tiny_local_model(tmp_path, monkeypatch, tiny_dino_model):
     """dino-zeroshot and dino-mind wire the DINO backend into ConvexAdam (a tiny random ViT: no weights needed)."""
-    pytest.importorskip("transformers")
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
     from DinoRegistrationLib.features.dino import forget_loaded_backbones
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("DINOREG_CACHE", str(tmp_path / "dinoreg_cache"))
-    torch.manual_seed(0)
-    config = Dinov2WithRegistersConfig(patch_size=14, image_size=56, num_register_tokens=4, hidden_size=64,
-                                       num_hidden_layers=1, num_attention_heads=1)
-    Dinov2WithRegistersModel(config).eval().save_pretrained(str(tmp_path / "tiny"))
     fixed, moving, _ = shifted_pair(seed=7)
     fixed_volume = Volume.from_array_ras(fixed[0, 0].numpy() * 1000, (2.0, 2.0, 2.0))
     moving_volume = fixed_volume.with_array(moving[0, 0].numpy() * 1000)
-    overrides = {"model": str(tmp_path / "tiny"), "token_mm": 4.0, "slice_stride": 2, "pca_channels": 4}
+    overrides = {"model": tiny_dino_model, "token_mm": 4.0, "slice_stride": 2, "pca_channels": 4}
     try:
         for method in (zeroshot.DinoZeroShot(), zeroshot.DinoMind()):
             stages = []
