@@ -99,3 +99,21 @@ def test_slicer_fcsv_landmarks_are_converted_from_ras(tmp_path):
                                      "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
                                      "vtkMRMLMarkupsFiducialNode_0,10,20,30,0,0,0,1,1,1,0,F-1,,\n")
     np.testing.assert_allclose(read_landmarks(tmp_path / "p.fcsv"), [[-10, -20, 30]])
+
+
+def test_nmi_equals_the_histogram2d_definition_with_values_on_bin_edges_and_outside():
+    rng = np.random.default_rng(5)
+    a = rng.random(20000)
+    b = np.clip(0.6 * a + 0.4 * rng.random(20000), 0, 1)
+    a[:40] = np.linspace(0, 1, 33)[rng.integers(0, 33, 40)]  # exactly on bin edges, including 0 and 1
+    b[40:50] = 1.5  # outside [0, 1]: not counted, as in histogram2d's range
+    joint, _, _ = np.histogram2d(a, b, bins=32, range=[[0, 1], [0, 1]])
+    p = joint / joint.sum()
+
+    def entropy(q):
+        q = q[q > 0]
+        return -(q * np.log(q)).sum()
+
+    expected = (entropy(p.sum(0)) + entropy(p.sum(1))) / entropy(p.ravel())
+    assert metrics.nmi(a, b) == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < metrics.nmi(a, b) < 2.0

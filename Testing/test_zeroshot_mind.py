@@ -381,3 +381,39 @@ def test_mind_zeroshot_improves_dice_of_warped_labels(deformed_brain):
     before, after = dice(labels, moving_labels), dice(labels, warped)
     print(f"Dice unregistered {before:.3f}, registered {after:.3f}")
     assert after > before + 0.1
+
+
+def test_sample_table_matches_grid_sample_values_gradients_and_border():
+    """The Adam data term's channels-last trilinear gather equals grid_sample (border padding,
+    align_corners) in values and position gradients, inside, at and beyond the border, and on a
+    volume with a single slice."""
+    import torch.nn.functional as F
+
+    from DinoRegistrationLib.optim.convex_adam import channels_last_table, sample_table
+
+    generator = torch.Generator().manual_seed(3)
+    for shape in [(5, 6, 7), (1, 6, 7)]:
+        volume = torch.randn(1, 4, *shape, generator=generator, dtype=torch.float64)
+        depth, height, width = shape
+        extent = torch.tensor([width - 1, height - 1, depth - 1], dtype=torch.float64)
+        positions = (torch.rand(500, 3, generator=generator, dtype=torch.float64) * 1.6 - 0.3) * extent
+        positions[:3] = torch.tensor([[0.0, 0.0, 0.0], [width - 1.0, height - 1.0, depth - 1.0], [-2.0, 9.0, 0.5]])
+        ours_positions = positions.clone().requires_grad_(True)
+        ours = sample_table(channels_last_table(volume), shape, ours_positions)
+        (ours * torch.arange(1, 5, dtype=torch.float64)).sum().backward()
+        theirs_positions = positions.clone().requires_grad_(True)
+        scale = 2.0 / torch.clamp(extent, min=1.0)
+        grid = (theirs_positions * scale - 1.0).view(1, 1, 1, -1, 3)
+        theirs = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).view(4, -1).t()
+        (theirs * torch.arange(1, 5, dtype=torch.float64)).sum().backward()
+        assert torch.allclose(ours, theirs, atol=1e-12)
+        # gradients agree except on integer coordinates (one-sided there: either side is a valid slope)
+        distance_to_knot = (positions - positions.round()).abs()[:, extent > 0]  # a single-slice axis is always on one
+        off_knots = distance_to_knot.min(dim=1).values > 1e-6
+        assert off_knots.sum() > 400
+        assert torch.allclose(ours_positions.grad[off_knots], theirs_positions.grad[off_knots], atol=1e-10)
+        outside = ((positions < 0) | (positions > extent)).any(dim=1) & off_knots
+        for axis in range(3):  # beyond the border along an axis: no gradient along it
+            beyond = (positions[:, axis] < 0) | (positions[:, axis] > extent[axis])
+            assert torch.all(ours_positions.grad[beyond, axis] == 0)
+        assert outside.sum() > 50

@@ -91,7 +91,11 @@ def nmi(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int 
     """Normalised mutual information (H(A) + H(B)) / H(A, B), in [1, 2]; images in [0, 1]."""
     x = a[mask] if mask is not None else a.ravel()
     y = b[mask] if mask is not None else b.ravel()
-    joint, _, _ = np.histogram2d(x, y, bins=bins, range=[[0, 1], [0, 1]])
+    # np.histogram2d's bins of [0, 1] (the last one closed) by one bincount: ~10x faster on millions of voxels
+    inside = (x >= 0) & (x <= 1) & (y >= 0) & (y <= 1)
+    bin_x = np.minimum((x[inside] * bins).astype(np.int64), bins - 1)
+    bin_y = np.minimum((y[inside] * bins).astype(np.int64), bins - 1)
+    joint = np.bincount(bin_x * bins + bin_y, minlength=bins * bins).reshape(bins, bins).astype(np.float64)
     joint = joint / max(joint.sum(), 1)
 
     def entropy(p: np.ndarray) -> float:

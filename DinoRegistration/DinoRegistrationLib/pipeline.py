@@ -23,7 +23,7 @@ from .methods.base import Method, RegistrationProblem, get_method, registry
 from .peak_memory import peak_rss_mb
 from .progress import Progress
 from .spatial import resolve_device
-from .transforms import DenseField, Transform, jacobian_determinant, warp_volume, warp_volumes
+from .transforms import DenseField, Transform, jacobian_determinant, resample_without_transform, warp_volumes
 from .validation import check_registration_inputs
 from .volume import Volume
 
@@ -145,7 +145,7 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     to_warp = [(moving, "linear")] + ([(moving_labels, "nearest")] if moving_labels is not None else [])
     warped, *warped_rest = warp_volumes(to_warp, transform, fixed.grid, device, mapped=mapped)
     warped_labels = warped_rest[0] if warped_rest else None
-    moving_on_fixed_grid = warp_volume(moving, Transform(), fixed.grid, "linear", device)
+    moving_on_fixed_grid = resample_without_transform(moving, fixed.grid, "linear")
     progress.update(1.0)
 
     inverse, inverse_residual = None, None
@@ -158,14 +158,15 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         jacobian = fixed.with_array(jacobian_determinant(transform, fixed.grid, device, mapped=mapped))
     del mapped
 
-    heatmap, heatmap_before = difference_maps(fixed, moving, warped, moving_on_fixed_grid)
+    intensities = NormalisedIntensities.of(fixed, moving, warped, moving_on_fixed_grid)
+    heatmap, heatmap_before = intensities.difference_maps(fixed)
     progress.finish()
     report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
-                          warped, moving_on_fixed_grid, fixed_mask, jacobian, transform)
+                          intensities, fixed_mask, jacobian, transform)
     if inverse_residual is not None:
         report["inverse_residual_voxels_p99"] = round(inverse_residual, 4)
     if fixed_labels is not None and moving_labels is not None:
-        unregistered_labels = warp_volume(moving_labels, Transform(), fixed.grid, "nearest", device)
+        unregistered_labels = resample_without_transform(moving_labels, fixed.grid, "nearest")
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
@@ -233,26 +234,37 @@ def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial:
     return method.run(problem, initial), problem.device
 
 
-def difference_maps(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> tuple[Volume, Volume]:
-    """|fixed - warped| and |fixed - unregistered moving| after robust normalisation to [0, 1].
+@dataclass
+class NormalisedIntensities:
+    """Fixed, warped and unregistered moving on the fixed grid, robustly normalised to [0, 1] once
+    for the difference maps and the report's similarities (float32 arrays [k, j, i]).
 
     Fixed uses its own 1-99 % foreground percentiles; warped and unregistered moving both use the
     ORIGINAL moving's percentiles, so before and after are directly comparable.
     """
-    fixed_n = normalise(fixed.array, robust_range(fixed.array))
-    moving_range = robust_range(moving.array)
-    after = np.abs(fixed_n - normalise(warped.array, moving_range))
-    before = np.abs(fixed_n - normalise(moving_on_fixed_grid.array, moving_range))
-    return fixed.with_array(after.astype(np.float32)), fixed.with_array(before.astype(np.float32))
+
+    fixed: np.ndarray
+    warped: np.ndarray
+    unregistered: np.ndarray
+
+    @staticmethod
+    def of(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> "NormalisedIntensities":
+        moving_range = robust_range(moving.array)
+        return NormalisedIntensities(normalise(fixed.array, robust_range(fixed.array)),
+                                     normalise(warped.array, moving_range), normalise(moving_on_fixed_grid.array, moving_range))
+
+    def difference_maps(self, fixed: Volume) -> tuple[Volume, Volume]:
+        """|fixed - warped| and |fixed - unregistered moving| (the heatmaps after and before), on the fixed grid."""
+        return fixed.with_array(np.abs(self.fixed - self.warped)), fixed.with_array(np.abs(self.fixed - self.unregistered))
 
 
-def similarity(fixed: Volume, other: Volume, moving: Volume, mask: np.ndarray) -> dict[str, float]:
-    fixed_n = normalise(fixed.array, robust_range(fixed.array))
-    other_n = normalise(other.array, robust_range(moving.array))
+def similarity(fixed_n: np.ndarray, other_n: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """NCC, NMI and mean |difference| of two normalised images over ``mask``."""
+    fixed_values, other_values = fixed_n[mask], other_n[mask]
     return {
-        "ncc": metrics.ncc(fixed_n, other_n, mask),
-        "nmi": metrics.nmi(fixed_n, other_n, mask),
-        "mean_abs_difference": float(np.abs(fixed_n - other_n)[mask].mean()),
+        "ncc": metrics.ncc(fixed_values, other_values),
+        "nmi": metrics.nmi(fixed_values, other_values),
+        "mean_abs_difference": float(np.abs(fixed_values - other_values).mean()),
     }
 
 
@@ -265,8 +277,8 @@ def label_scores(fixed_labels: Volume, warped_labels: Volume, unregistered: Volu
 
 
 def build_report(method_name: str, options: RegistrationOptions, params: dict[str, Any], device: torch.device,
-                 use_affine: bool, progress: Progress, started: float, fixed: Volume, moving: Volume, warped: Volume,
-                 moving_on_fixed_grid: Volume, fixed_mask: Volume | None, jacobian: Volume | None,
+                 use_affine: bool, progress: Progress, started: float, fixed: Volume, moving: Volume,
+                 intensities: NormalisedIntensities, fixed_mask: Volume | None, jacobian: Volume | None,
                  transform: Transform) -> dict[str, Any]:
     mask = fixed_mask.array.astype(bool) if fixed_mask is not None else foreground(fixed.array)
     report: dict[str, Any] = {
@@ -280,8 +292,8 @@ def build_report(method_name: str, options: RegistrationOptions, params: dict[st
         "seconds_total": round(time.perf_counter() - started, 3),
         "peak_ram_mb": round(peak_rss_mb() or 0.0, 1) or None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "similarity_before": similarity(fixed, moving_on_fixed_grid, moving, mask),
-        "similarity_after": similarity(fixed, warped, moving, mask),
+        "similarity_before": similarity(intensities.fixed, intensities.unregistered, mask),
+        "similarity_after": similarity(intensities.fixed, intensities.warped, mask),
         "fixed_grid": fixed.grid.describe(),
         "moving_grid": moving.grid.describe(),
         "transform_steps": [type(step).__name__ for step in transform.steps],

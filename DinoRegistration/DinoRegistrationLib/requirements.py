@@ -20,6 +20,7 @@ ENGINE_REQUIREMENTS: Dict[str, str] = {
     "safetensors": "safetensors>=0.4",
     "huggingface_hub": "huggingface_hub>=0.20",
     "matplotlib": "matplotlib>=3.6",
+    "PIL": "pillow>=9.2",
     "nibabel": "nibabel>=4.0",
     "tqdm": "tqdm>=4.60",
     "monai": "monai>=1.3",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from . import spatial
@@ -215,6 +216,18 @@ def warp_volume(moving: Volume, transform: Transform, target: Grid, mode: str = 
     kept (rounded for integer types). Processes the target in slabs of k so memory stays bounded.
     """
     return warp_volumes([(moving, mode)], transform, target, device, default_value, slab_voxels)[0]
+
+
+def resample_without_transform(moving: Volume, target: Grid, mode: str = "linear") -> Volume:
+    """``moving`` on ``target`` with no transform (physical points map to themselves): the same
+    values as ``warp_volume(moving, Transform(), target, mode)`` (ITK's convention: 0 outside),
+    by SimpleITK's multi-threaded resampler, about 3x faster on CPU for the unregistered views.
+    Interpolated as float, then cast to the moving pixel type with rounding (ITK would truncate)."""
+    interpolator = sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor
+    image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32) if mode == "linear" else moving.to_sitk()
+    resampled = sitk.Resample(image, target.to_sitk_reference(), sitk.Transform(), interpolator, 0.0,
+                              image.GetPixelID())
+    return Volume(cast_like(sitk.GetArrayFromImage(resampled), moving.array.dtype), target)
 
 
 def warp_volumes(volumes: list[tuple[Volume, str]], transform: Transform, target: Grid,

@@ -233,12 +233,13 @@ def lncc_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacement: t
     """Adam on the full model-grid field: local NCC (MONAI) + ``io_regularisation`` * diffusion."""
     from ..geometry import diffusion_penalty, warp
     from ..losses import local_ncc_loss
+    from ..optim.adam import Adam
 
     iterations = int(params["io_iterations"])
     parameter = displacement.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([parameter], lr=0.1 * float(params["io_learning_rate"]))
+    optimiser = Adam(parameter, 0.1 * float(params["io_learning_rate"]))
     for iteration in range(iterations):
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss = local_ncc_loss(fixed, warp(moving, parameter), int(params["io_lncc_window"])) \
             + float(params["io_regularisation"]) * diffusion_penalty(parameter)
         loss.backward()

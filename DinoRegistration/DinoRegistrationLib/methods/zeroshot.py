@@ -35,7 +35,8 @@ STAGE_OUTPUT = "output field"
 # vs 0.722 for ANTs SyN and 0.577 affine only; the 'accurate' preset (1 mm) reaches ~0.765.
 COMMON_DEFAULTS: dict[str, Any] = {
     # working grid and intensities
-    "working_spacing_mm": 1.5,          # grid the features and fields live on (mm; never finer than the fixed image)
+    "working_spacing_mm": 1.6,          # grid the features and fields live on (mm; never finer than the fixed image);
+                                        # 1.5 gave +0.001 Dice on the real pairs for 20 % more time
     "intensity_low_percent": 0.5,       # robust clip of the foreground intensities to [0, 1] (percent)
     "intensity_high_percent": 99.5,
     "foreground_margin_mm": 8.0,        # the Adam data term is evaluated on the fixed foreground dilated by this (mm)
@@ -52,7 +53,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "regularisation": 0.25,             # diffusion weight per lattice cell (features have unit total variance)
     "smoothing_passes": 1,              # 3x3x3 box filters of the field per iteration
     "diffeomorphic": True,              # stationary velocity + scaling and squaring: no folding
-    "integration_steps": 3,             # 4 gave the same Dice, SDlogJ and no folding on real brains either
+    "integration_steps": 2,             # 3 or 4 gave the same Dice (+0.0003), SDlogJ and no folding on real brains
 }
 
 MIND_DEFAULTS: dict[str, Any] = {
