@@ -191,3 +191,34 @@ def test_upsample_field_matches_average_pooled_pyramids():
     # coarse voxel m is centred on fine position 2 m + 0.5: u_fine(x) = 0.25 (x - 0.5) inside
     w = identity_grid((8, 8, 8), dtype=torch.float64)[:, 2]
     torch.testing.assert_close(fine[:, 2, :, :, 1:-1], (0.25 * (w - 0.5))[:, :, :, 1:-1])
+
+
+@pytest.mark.parametrize("mode, padding_mode", [("bilinear", "border"), ("nearest", "border"), ("bilinear", "zeros")])
+def test_grid_sample_3d_splits_over_threads_with_the_values_and_gradients_of_grid_sample(mode, padding_mode):
+    """The threaded sampler (one batch entry per thread) equals F.grid_sample: values exactly,
+    gradients for the image and the grid to float rounding; also with a point count that does not
+    divide by the thread count."""
+    import torch.nn.functional as F
+
+    from DinoRegistrationLib.geometry import grid_sample_3d
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, 20, 22, 24, generator=generator, dtype=torch.float64)
+    grid = torch.rand(1, 41, 43, 47, 3, generator=generator, dtype=torch.float64) * 2.4 - 1.2  # 82861 points, some outside
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        ours_image, ours_grid = image.clone().requires_grad_(True), grid.clone().requires_grad_(True)
+        ours = grid_sample_3d(ours_image, ours_grid, mode, padding_mode)
+        (ours * torch.linspace(0, 1, ours.numel(), dtype=torch.float64).view_as(ours)).sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    theirs_image, theirs_grid = image.clone().requires_grad_(True), grid.clone().requires_grad_(True)
+    theirs = F.grid_sample(theirs_image, theirs_grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    (theirs * torch.linspace(0, 1, theirs.numel(), dtype=torch.float64).view_as(theirs)).sum().backward()
+    assert ours.shape == theirs.shape == (1, 3, 41, 43, 47)
+    assert torch.equal(ours, theirs)
+    assert torch.allclose(ours_image.grad, theirs_image.grad, rtol=1e-10, atol=1e-12)
+    if mode == "bilinear":
+        assert torch.allclose(ours_grid.grad, theirs_grid.grad, rtol=1e-10, atol=1e-12)
+        assert ours_grid.grad.abs().max() > 0

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .geometry.sampling import grid_sample_3d
 from .volume import Grid
 
 
@@ -80,7 +80,7 @@ def sample_at_points(image: torch.Tensor, grid: Grid, points: torch.Tensor, mode
     outside [-0.5, N-0.5] on any axis gets 0, and inside it the edge voxels are replicated.
     """
     normalised = physical_to_normalised(points.to(image.dtype), grid).unsqueeze(0)
-    values = F.grid_sample(image, normalised, mode=mode, padding_mode="border", align_corners=True)
+    values = grid_sample_3d(image, normalised, mode, "border")
     sizes = torch.tensor(grid.size, dtype=torch.float32, device=points.device)  # (i, j, k): grid_sample's x, y, z
     half_voxel = 1.0 / torch.clamp(sizes - 1.0, min=1.0)
     inside = (normalised.abs() - half_voxel).amax(dim=-1) <= 1.0 + 1e-6

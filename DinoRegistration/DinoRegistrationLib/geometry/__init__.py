@@ -21,6 +21,7 @@ Conventions (read these once):
 
 API (all re-exported here):
 
+- :func:`grid_sample_3d`: ``F.grid_sample`` (align_corners=True) using every CPU thread for one volume.
 - :func:`identity_grid` ``(shape) -> (1, 3, D, H, W)`` voxel coordinates of every voxel centre.
 - :func:`warp` ``(image, u, mode="bilinear"|"nearest") -> image(x + u(x))``; label maps keep their
   dtype with ``mode="nearest"``.
@@ -51,6 +52,7 @@ from .fields import (compose, from_ijk_channels, identity_grid, integrate_veloci
                      to_ijk_channels, upsample_field, warp)
 from .jacobian import jacobian_determinant
 from .penalties import bending_energy, diffusion_gradient, diffusion_penalty
+from .sampling import grid_sample_3d
 
-__all__ = ["identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "upsample_field", "to_ijk_channels",
+__all__ = ["grid_sample_3d", "identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "upsample_field", "to_ijk_channels",
            "from_ijk_channels", "jacobian_determinant", "diffusion_penalty", "diffusion_gradient", "bending_energy"]

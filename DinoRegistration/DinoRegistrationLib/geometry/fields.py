@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .sampling import grid_sample_3d
+
 
 def identity_grid(shape: Sequence[int], device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -63,7 +65,8 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     field = displacement.to(source.dtype)
     grid = sampling_grid(field).expand(batch, -1, -1, -1, -1)
     source = source.expand(batch, -1, -1, -1, -1)
-    warped = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    warped = grid_sample_3d(source, grid, mode, padding_mode) if batch == 1 else \
+        F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return warped.round().to(image.dtype) if integer else warped
 
 

@@ -163,7 +163,7 @@ def resample_lattice(field: torch.Tensor, src_step: Sequence[float], src_offset:
         axes.append(2.0 * index / (n_src - 1) - 1.0 if n_src > 1 else torch.zeros_like(index))
     k, j, i = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack([i, j, k], dim=-1).unsqueeze(0)
-    return F.grid_sample(field, grid.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    return geometry.grid_sample_3d(field, grid.to(field.dtype), "bilinear", "border")
 
 
 def _box3(volume: torch.Tensor, passes: int) -> torch.Tensor:
