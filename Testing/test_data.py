@@ -72,6 +72,31 @@ def test_brain_pairs_from_a_label_map(tmp_path):
     assert torch.equal(pair.moving, again.moving)
 
 
+def test_brain_pairs_synthesised_finer_then_pooled_like_real_images(tmp_path):
+    """synthesis_factor 2 at 4 mm: anatomy made at 2 mm, images average-pooled (partial-volume
+    values between the tissue means), labels the cells' centre voxels, fields in coarse voxels."""
+    from DinoRegistrationLib.data import brain_pairs, synthesis
+
+    if not (synthesis.SYNTHSEG_DIR / "training_seg_01.nii.gz").exists():
+        pytest.skip("SynthSeg label maps not available")
+    sampler = brain_pairs.BrainPairSampler([1], 4, tmp_path, synthesis_factor=2)
+    assert sampler.fine_shape == (80, 96, 112) and sampler.shape == (40, 48, 56)
+    pair = sampler.sample(generator(1))
+    assert pair.fixed.shape == pair.fixed_labels.shape == (1, 1, 40, 48, 56)
+    assert float(pair.fixed[pair.fixed_labels > 0].mean()) > 0.2 and float(pair.fixed.max()) <= 1.0
+    # pooling by hand: partial-volume cells on the boundary of two tissues; a constant fine
+    # displacement of 2 fine voxels is 1 coarse voxel; labels are taken at the cells' centre voxels
+    image = torch.full((1, 1, 80, 96, 112), 0.2)  # background 0 (first slices), tissue 0.2 and 1.0
+    image[..., :10, :, :] = 0.0
+    image[..., :, :, 57:] = 1.0  # the coarse cell of fine columns 56, 57 is (0.2 + 1) / 2 = 0.6 -> 0.5 normalised
+    labels = torch.arange(80 * 96 * 112).view(1, 1, 80, 96, 112)
+    pooled, pooled_labels, field = sampler.pool(image, labels, torch.full((1, 3, 80, 96, 112), 2.0))
+    assert torch.allclose(pooled[0, 0, 5, 5, 28], torch.tensor(0.5)) and torch.allclose(field, torch.ones(1))
+    assert int(pooled_labels[0, 0, 3, 4, 5]) == int(labels[0, 0, 7, 9, 11])
+    with pytest.raises(ValueError):
+        brain_pairs.BrainPairSampler([1], 4, tmp_path, synthesis_factor=3)
+
+
 def write_volume(path, array, spacing=(2.0, 2.0, 2.0)):
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)

@@ -310,7 +310,7 @@ def evaluate(label: str, pair: Pair, cache: Path, threads: int, device: str, tim
     record_path = cache / "results" / f"{re.sub(r'[^A-Za-z0-9@.-]+', '_', label)}__{key}.json"
     if report_only and not record_path.exists():
         return {"status": "not run", "reason": "not run yet", "method": label, "pair": pair.name, "kind": pair.kind}
-    if record_path.exists() and not fresh:
+    if record_path.exists() and (report_only or not fresh):  # --fresh never reruns what --report-only only reports
         record = json.loads(record_path.read_text())
         if record["status"] == "ok" and record.get("scorer_version") == scorer.VERSION:
             return {**record, "reused": True}
@@ -563,7 +563,7 @@ def scaling_table(labels: list[str], sizes: list[tuple[tuple[int, int, int], tup
                 print(f"scaling: {label} on {pair.name} with {threads} thread(s) ...", file=sys.stderr, flush=True)
                 key = cache_key(label, pair, device, threads)
                 record_path = cache / "results" / f"scaling_{label}__{key}.json"
-                if record_path.exists() and not fresh:
+                if record_path.exists() and (report_only or not fresh):  # --fresh never reruns what --report-only only reports
                     record = json.loads(record_path.read_text())
                 elif report_only:
                     record = {"status": "not run", "reason": "not run yet"}

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import synthesis
 from ..geometry import resize_field
@@ -212,13 +213,23 @@ class BrainPairSampler:
     """Draws synthesised brain pairs from a set of prepared label maps (one generator per rank)."""
 
     def __init__(self, subjects: Sequence[int], spacing_mm: int, cache: Path, settings: BrainSynthSettings | None = None,
-                 device: torch.device | str = "cpu") -> None:
-        self.maps = [prepare_label_map(n, spacing_mm, cache) for n in subjects]
+                 device: torch.device | str = "cpu", synthesis_factor: int = 1) -> None:
+        """``synthesis_factor`` k > 1: label maps, deformations and images are made at ``spacing_mm / k``
+        and the images average-pooled by k, as real images are brought to the training spacing
+        (validation) and smoothed before resampling (inference): partial-volume edges instead of
+        blocky, nearest-neighbour anatomy. Labels: the centre voxel of each k^3 cell."""
+        if int(synthesis_factor) < 1 or int(spacing_mm) % int(synthesis_factor):
+            raise ValueError(f"synthesis_factor must divide spacing_mm ({spacing_mm}), got {synthesis_factor}")
+        self.factor = int(synthesis_factor)
+        fine_mm = int(spacing_mm) // self.factor
+        self.maps = [prepare_label_map(n, fine_mm, cache) for n in subjects]
         self.maps = [LabelMap(m.name, m.labels.to(device), m.mask.to(device)) for m in self.maps]
         self.settings = settings or BrainSynthSettings()
         self.tissue_lut, self.dice_lut = lookup_tables(device)
-        self.shape = tuple(self.maps[0].labels.shape[2:])
+        self.fine_shape = tuple(self.maps[0].labels.shape[2:])
+        self.shape = tuple(n // self.factor for n in self.fine_shape)
         self.spacing_mm = float(spacing_mm)
+        self.fine_spacing_mm = float(fine_mm)
 
     def sample(self, generator: torch.Generator) -> TrainingPair:
         """A fixed/moving pair from two different subjects when there are several."""
@@ -230,9 +241,13 @@ class BrainPairSampler:
             second = first
         images, labels, fields = [], [], []
         for index in (first, second):
-            warped, mask, field = deform_label_map(self.maps[index], self.settings, generator, self.spacing_mm)
-            images.append(synthesise_image(warped, mask, self.tissue_lut, self.settings, generator))
-            labels.append(self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)])
+            warped, mask, field = deform_label_map(self.maps[index], self.settings, generator, self.fine_spacing_mm)
+            image = synthesise_image(warped, mask, self.tissue_lut, self.settings, generator)
+            dice_labels = self.dice_lut[warped.clamp(max=self.dice_lut.numel() - 1)]
+            if self.factor > 1:
+                image, dice_labels, field = self.pool(image, dice_labels, field)
+            images.append(image)
+            labels.append(dice_labels)
             fields.append(field)
         truth = None
         if same:
@@ -242,3 +257,13 @@ class BrainPairSampler:
 
             truth = compose(fields[0], invert(fields[1], iterations=20)[0])
         return TrainingPair(images[0], images[1], labels[0], labels[1], truth)
+
+    def pool(self, image: torch.Tensor, labels: torch.Tensor, field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fine image, labels and displacement (fine voxels) to the training grid (``self.factor`` coarser)."""
+        k = self.factor
+        depth, height, width = (n * k for n in self.shape)
+        image = normalise_foreground(F.avg_pool3d(image[..., :depth, :height, :width], k))
+        centre = k // 2
+        labels = labels[..., centre:depth:k, centre:height:k, centre:width:k]
+        field = F.avg_pool3d(field[..., :depth, :height, :width], k) / k
+        return image, labels, field

@@ -66,6 +66,9 @@ class DataConfig:
     same_subject: float = 0.0
     #: largest random velocity (mm) of the on-the-fly deformations (random shapes, synthseg, folder augmentation)
     max_velocity_mm: float = 8.0
+    #: synthseg: synthesise at spacing_mm / synthesis_factor, then average-pool the images (partial-volume
+    #: edges like real images brought to the training grid, instead of blocky nearest-neighbour anatomy)
+    synthesis_factor: int = 1
 
 
 @dataclass
