@@ -48,7 +48,7 @@ def mid_slices(volume: Volume) -> list[tuple[np.ndarray, float]]:
 CELL_PIXELS = 240
 MARGIN_PIXELS = 6
 #: pixels above the panels for the title line and the column names
-HEADER_PIXELS = 44
+HEADER_PIXELS = 56
 
 
 def hot_colours(values: np.ndarray) -> np.ndarray:
