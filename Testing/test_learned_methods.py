@@ -210,8 +210,8 @@ def test_io_preset_improves_on_the_network(models_folder, tmp_path):
     save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=0.0), CARD)
     fixed, moving = read_volume(FIXED), read_volume(MOVING)
     plain = register(fixed, moving, RegistrationOptions(method="tiny-unet", use_affine=False, compute_inverse=False))
-    for similarity in ("mind", "lncc"):
-        params = {"io_similarity": similarity, "io_iterations": "20"}
+    for similarity, io_spacing in (("mind", "2"), ("mind", "0"), ("lncc", "2")):  # 0: on the 5 mm model grid
+        params = {"io_similarity": similarity, "io_iterations": "20", "io_spacing_mm": io_spacing}
         refined = register(fixed, moving, RegistrationOptions(method="tiny-unet", preset="io", use_affine=False,
                                                               compute_inverse=False, params=params))
         assert refined.report["similarity_after"]["ncc"] > plain.report["similarity_after"]["ncc"] + 0.02
@@ -338,3 +338,24 @@ def test_antialiasing_before_a_coarse_model_grid_matches_average_pooling():
     sampled_std = smoothed[8:-8:4, 8:-8:4, 8:-8:4].std()
     assert 0.65 * pooled_std < sampled_std < 1.35 * pooled_std
     assert np.array_equal(antialiased(noise, 1.0).array, noise.array)  # not coarser: unchanged
+
+
+def test_field_on_grid_resamples_a_model_field_onto_the_finer_io_grid():
+    """A displacement of (1, 2, 3) voxels on a 4 mm grid is (2, 4, 6) voxels of a 2 mm grid over the
+    same box, and a field growing along one axis keeps its physical values at the target points."""
+    import torch
+
+    from DinoRegistrationLib.methods.learned import field_on_grid
+    from DinoRegistrationLib.volume import Grid
+
+    coarse = Grid((10, 12, 14), np.zeros(3), np.full(3, 4.0), np.eye(3))
+    fine = Grid((19, 23, 27), np.zeros(3), np.full(3, 2.0), np.eye(3))
+    constant = torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 14, 12, 10).contiguous()  # (dk, dj, di)
+    resampled = field_on_grid(constant, coarse, fine)
+    assert resampled.shape == (1, 3, 27, 23, 19)
+    assert torch.allclose(resampled[0, :, 2:-2, 2:-2, 2:-2].mean(dim=(1, 2, 3)), torch.tensor([6.0, 4.0, 2.0]), atol=1e-5)
+    x_mm = torch.arange(10, dtype=torch.float32) * 4.0  # di grows with x: di = 0.1 * x_mm / 4 voxels
+    growing = torch.zeros(1, 3, 14, 12, 10)
+    growing[0, 2] = (0.1 * x_mm / 4.0).view(1, 1, 10)
+    fine_x_mm = torch.arange(19, dtype=torch.float32) * 2.0
+    assert torch.allclose(field_on_grid(growing, coarse, fine)[0, 2, 5, 5], (0.1 * fine_x_mm / 2.0).view(1, 19), atol=1e-5)
