@@ -163,8 +163,12 @@ def train(config: TrainingConfig, output: Path, resume: bool = False, progress_b
         device = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(device)
     try:
-        return run_training(config, output, resume, progress_bar, on_step, device, context,
-                            make_source, RegistrationLoss, default_cache)
+        model_path = run_training(config, output, resume, progress_bar, on_step, device, context,
+                                  make_source, RegistrationLoss, default_cache)
+        # every rank waits for rank 0's export before leaving the group: a rank destroying the group
+        # while another still uses it made gloo abort (SIGABRT, seen once in CI under load)
+        context.barrier()
+        return model_path
     finally:
         teardown_distributed(context)
 
