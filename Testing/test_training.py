@@ -35,6 +35,7 @@ def tiny_config(**run):
     ("[run]\nsteps = 'many'\n", "'run.steps' must be of type int"),
     ("[data]\nsource = 'pictures'\n", "'data.source' must be one of"),
     ("[run\n", "is not valid TOML"),
+    ("[data]\nspacing_mm = 4\nsynthesis_factor = 3\n", "'data.synthesis_factor' = 3 must divide"),
 ])
 def test_config_errors_are_one_line(tmp_path, text, fragment):
     path = tmp_path / "bad.toml"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from . import spatial
@@ -222,8 +223,6 @@ def resample_without_transform(moving: Volume, target: Grid, mode: str = "linear
     values as ``warp_volume(moving, Transform(), target, mode)`` (ITK's convention: 0 outside),
     by SimpleITK's multi-threaded resampler, about 3x faster on CPU for the unregistered views.
     Interpolated as float, then cast to the moving pixel type with rounding (ITK would truncate)."""
-    import SimpleITK as sitk  # here: training on a GPU machine without SimpleITK imports this module
-
     interpolator = sitk.sitkLinear if mode == "linear" else sitk.sitkNearestNeighbor
     image = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32) if mode == "linear" else moving.to_sitk()
     resampled = sitk.Resample(image, target.to_sitk_reference(), sitk.Transform(), interpolator, 0.0,

@@ -53,9 +53,6 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
             raise InputError(f"SynthSeg label maps not found in {synthesis.SYNTHSEG_DIR}: set DINOREG_SHARED_DATA to the folder holding synthseg/")
         settings = BrainSynthSettings(random_contrast=data.random_contrast, max_velocity_mm=data.max_velocity_mm,
                                       same_subject=data.same_subject)
-        if data.synthesis_factor < 1 or int(data.spacing_mm) % data.synthesis_factor:
-            raise InputError(f"data.synthesis_factor = {data.synthesis_factor} must divide data.spacing_mm = {data.spacing_mm} "
-                             "(e.g. 2 at 4 mm: synthesise at 2 mm, pool to 4 mm)")
         source = BrainPairSampler(data.subjects, int(data.spacing_mm), cache, settings, device, data.synthesis_factor)
         if any(s % multiple for s in source.shape):
             raise InputError(f"synthseg volumes at {data.spacing_mm} mm are {source.shape}: not multiples of {multiple}")

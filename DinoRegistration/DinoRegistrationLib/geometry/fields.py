@@ -65,8 +65,7 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear"
     field = displacement.to(source.dtype)
     grid = sampling_grid(field).expand(batch, -1, -1, -1, -1)
     source = source.expand(batch, -1, -1, -1, -1)
-    warped = grid_sample_3d(source, grid, mode, padding_mode) if batch == 1 else \
-        F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    warped = grid_sample_3d(source, grid, mode, padding_mode)
     return warped.round().to(image.dtype) if integer else warped
 
 

@@ -195,6 +195,9 @@ def parse_config(raw: dict, source: str = "config") -> TrainingConfig:
         (config.run.steps > 0 and config.run.batch_size > 0, "'run.steps' and 'run.batch_size' must be positive"),
         (config.data.source not in ("folder", "csv") or bool(config.data.path), f"data.source = {config.data.source!r} needs 'data.path'"),
         (config.data.spacing_mm > 0, "'data.spacing_mm' must be positive"),
+        (config.data.synthesis_factor >= 1 and float(config.data.spacing_mm) % config.data.synthesis_factor == 0,
+         f"'data.synthesis_factor' = {config.data.synthesis_factor} must divide 'data.spacing_mm' = {config.data.spacing_mm} "
+         "(e.g. 2 at 4 mm: synthesise at 2 mm, pool to 4 mm)"),
     ]
     for ok, message in checks:
         if not ok:
