@@ -1,9 +1,9 @@
 """DINO Registration: deformable registration of 3D volumes with DINOv2 / MIND features in 3D Slicer.
 
 This file holds the Module, the Widget (the panel) and the self-Test. Everything else is in the
-``DinoRegistrationSlicer`` package beside it (process handling, the job, the Logic, the installer, the
+``DinoRegistrationLib`` package beside it (process handling, the job, the Logic, the installer, the
 scene, the landmark check), which is GUI-free and tested headless. The registration engine
-(``DinoRegistrationLib``) runs in a background process, so Slicer stays responsive and Cancel stops it
+(``dinoreg``) runs in a background process, so Slicer stays responsive and Cancel stops it
 at once. Nothing heavy is imported here: no torch, no SimpleITK, no engine module at import or panel build.
 """
 
@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional
 import vtk
 
 import slicer
-from DinoRegistrationSlicer import methods as methodList
-from DinoRegistrationSlicer.install import installPackages as installEnginePackages
-from DinoRegistrationSlicer.install import missingSummary
-from DinoRegistrationSlicer.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
-from DinoRegistrationSlicer.landmarks import formatLandmarkSummary
-from DinoRegistrationSlicer.logic import DinoRegistrationLogic, demoFiles
-from DinoRegistrationSlicer.process import EngineProcess, formatSeconds
+from DinoRegistrationLib import methods as methodList
+from DinoRegistrationLib.install import installPackages as installEnginePackages
+from DinoRegistrationLib.install import missingSummary
+from DinoRegistrationLib.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
+from DinoRegistrationLib.landmarks import formatLandmarkSummary
+from DinoRegistrationLib.logic import DinoRegistrationLogic, demoFiles
+from DinoRegistrationLib.process import EngineProcess, formatSeconds
 
 try:  # inside 3D Slicer
     import qt
@@ -696,7 +696,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self.landmarkSummary is None or row < 0 or p.fixedLandmarks is None:
             return
-        from DinoRegistrationSlicer.landmarks import markupsPoints
+        from DinoRegistrationLib.landmarks import markupsPoints
 
         labels, points = markupsPoints(p.fixedLandmarks)
         label = self.landmarkSummary["points"][row]["label"]
@@ -767,7 +767,7 @@ class DinoRegistrationTest(ScriptedLoadableModuleTest):
         self.test_BadInputReportsError()
 
     def skipIfEngineMissing(self) -> None:
-        from DinoRegistrationLib.requirements import check_requirements
+        from dinoreg.requirements import check_requirements
 
         missing = missingSummary(check_requirements())
         if missing:

@@ -33,7 +33,7 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def brain_scan():
     """The voxelmorph test scan as (image Volume, label Volume), RAS-aligned 1 mm, 160x192x224."""
-    from DinoRegistrationLib.volume import Volume
+    from dinoreg.core.volume import Volume
 
     data = np.load(shared_file("brain/test_scan.npz"))
     image = Volume.from_array_ras(np.ascontiguousarray(data["vol"].transpose(2, 1, 0)).astype(np.float32))
@@ -44,7 +44,7 @@ def brain_scan():
 @pytest.fixture(scope="session")
 def brain_scan_2mm(brain_scan):
     """The brain scan and labels downsampled to 2 mm (80x96x112) for fast tests."""
-    from DinoRegistrationLib.transforms import Transform, warp_volume
+    from dinoreg.core.transforms import Transform, warp_volume
 
     image, labels = brain_scan
     grid = image.grid.with_spacing(2.0)

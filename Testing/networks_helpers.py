@@ -22,7 +22,7 @@ def tiny_dino_folder(root: Path) -> str:
     """A random 1-layer DINOv2-with-registers backbone saved as a Hugging Face folder."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from DinoRegistrationLib.features.dino.backbones import quiet_transformers
+    from dinoreg.features.dino.backbones import quiet_transformers
 
     folder = root / "tiny-dinov2"
     if not (folder / "config.json").exists():

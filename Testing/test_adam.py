@@ -2,7 +2,7 @@
 
 import torch
 
-from DinoRegistrationLib.optim.adam import Adam
+from dinoreg.optim.adam import Adam
 
 
 def quadratic_with_noise(parameter: torch.Tensor, step: int) -> torch.Tensor:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DinoRegistrationLib.batch import BatchSettings, read_pairs, run_batch
-from DinoRegistrationLib.cli import main
-from DinoRegistrationLib.errors import InputError
+from dinoreg.app.batch import BatchSettings, read_pairs, run_batch
+from dinoreg.cli.main import main
+from dinoreg.errors import InputError
 
 
 def write_image(path: Path, array: np.ndarray, spacing=(3.0, 3.0, 3.0)) -> Path:
@@ -128,7 +128,7 @@ def test_bad_tables(tmp_path, capsys, content, message):
 
 
 def test_missing_table_and_unreachable_scheduler(tmp_path, table, monkeypatch):
-    monkeypatch.setattr("DinoRegistrationLib.batch.SCHEDULER_TIMEOUT", "2s")
+    monkeypatch.setattr("dinoreg.app.batch.SCHEDULER_TIMEOUT", "2s")
     with pytest.raises(InputError, match="does not exist"):
         read_pairs(tmp_path / "nope.csv")
     with pytest.raises(InputError, match="cannot reach the Dask scheduler"):

@@ -53,4 +53,4 @@ def test_tre_of_a_translation():
 
 def test_scorer_imports_nothing_from_the_methods():
     text = (REPO / "benchmarks" / "scorer.py").read_text()
-    assert "DinoRegistrationLib" not in text and "ants" not in text.split('"""', 2)[2] and "fireants" not in text
+    assert "dinoreg" not in text and "ants" not in text.split('"""', 2)[2] and "fireants" not in text

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DEMO, REPO
-from DinoRegistrationLib.cli import main
+from dinoreg.cli.main import main
 
 
 def write_image(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), vector=False) -> Path:
@@ -139,7 +139,7 @@ def test_unknown_method_and_bad_param(capsys, tmp_path, good_pair):
 
 def test_console_script_reports_error_without_traceback(tmp_path):
     """The real ``dinoreg`` entry point (a subprocess), as users and the Slicer module run it."""
-    result = subprocess.run([sys.executable, "-m", "DinoRegistrationLib.cli", "register", str(tmp_path / "x.nii.gz"),
+    result = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", str(tmp_path / "x.nii.gz"),
                              str(DEMO / "MRBrainTumor2.nii.gz"), "-o", str(tmp_path / "out"), "--progress-json"],
                             capture_output=True, text=True, cwd=REPO / "DinoRegistration")
     assert result.returncode == 2
@@ -149,7 +149,7 @@ def test_console_script_reports_error_without_traceback(tmp_path):
 
 def test_every_bad_parameter_value_is_one_line(capsys, tmp_path, good_pair):
     """Issue 7 bug 4: ``--param adam_iterations=abc`` printed a traceback."""
-    from DinoRegistrationLib.methods.base import get_method
+    from dinoreg.methods.base import get_method
 
     defaults = get_method("mind-zeroshot").parameters()
     for key, default in sorted(defaults.items()):

@@ -7,8 +7,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DinoRegistrationLib.data import deformations, random_shapes
-from DinoRegistrationLib.errors import InputError
+from dinoreg.data import deformations
+from dinoreg.data import random_shapes
+from dinoreg.errors import InputError
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -46,7 +47,7 @@ def test_random_shape_pair_is_deterministic_and_deformed():
 
 
 def test_synthesis_generator_is_shared_and_deterministic():
-    from DinoRegistrationLib.data import synthesis
+    from dinoreg.data import synthesis
 
     labels = np.zeros((24, 24, 24), dtype=np.int16)
     labels[4:20, 4:20, 4:20] = 2  # cerebral WM
@@ -58,7 +59,8 @@ def test_synthesis_generator_is_shared_and_deterministic():
 
 
 def test_brain_pairs_from_a_label_map(tmp_path):
-    from DinoRegistrationLib.data import brain_pairs, synthesis
+    from dinoreg.data import brain_pairs
+    from dinoreg.data import synthesis
 
     if not (synthesis.SYNTHSEG_DIR / "training_seg_01.nii.gz").exists():
         pytest.skip("SynthSeg label maps not available")
@@ -75,7 +77,8 @@ def test_brain_pairs_from_a_label_map(tmp_path):
 def test_brain_pairs_synthesised_finer_then_pooled_like_real_images(tmp_path):
     """synthesis_factor 2 at 4 mm: anatomy made at 2 mm, images average-pooled (partial-volume
     values between the tissue means), labels the cells' centre voxels, fields in coarse voxels."""
-    from DinoRegistrationLib.data import brain_pairs, synthesis
+    from dinoreg.data import brain_pairs
+    from dinoreg.data import synthesis
 
     if not (synthesis.SYNTHSEG_DIR / "training_seg_01.nii.gz").exists():
         pytest.skip("SynthSeg label maps not available")
@@ -104,7 +107,7 @@ def write_volume(path, array, spacing=(2.0, 2.0, 2.0)):
 
 
 def test_folder_and_csv_datasets(tmp_path):
-    from DinoRegistrationLib.data.volumes import VolumePairSampler, csv_entries, folder_entries
+    from dinoreg.data.volumes import VolumePairSampler, csv_entries, folder_entries
 
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
@@ -129,7 +132,7 @@ def test_folder_and_csv_datasets(tmp_path):
 
 
 def test_feature_cache_computes_each_volume_once(tmp_path):
-    from DinoRegistrationLib.data.feature_cache import FeatureCache
+    from dinoreg.data.feature_cache import FeatureCache
 
     calls = []
 
@@ -148,9 +151,10 @@ def test_feature_cache_computes_each_volume_once(tmp_path):
 
 
 def test_same_subject_pairs_carry_their_true_displacement(tmp_path):
-    from DinoRegistrationLib.data import brain_pairs, synthesis
-    from DinoRegistrationLib.geometry import warp
-    from DinoRegistrationLib.training.validation import mean_dice
+    from dinoreg.data import brain_pairs
+    from dinoreg.data import synthesis
+    from dinoreg.core.geometry import warp
+    from dinoreg.training.validation import mean_dice
 
     if not (synthesis.SYNTHSEG_DIR / "training_seg_01.nii.gz").exists():
         pytest.skip("SynthSeg label maps not available")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import DEMO
-from DinoRegistrationLib.io import read_volume
-from DinoRegistrationLib.methods.base import registry
-from DinoRegistrationLib.pipeline import RegistrationOptions, register
-from DinoRegistrationLib.transforms import AffineMap, Transform
+from dinoreg.io.volumes import read_volume
+from dinoreg.methods.base import registry
+from dinoreg.app.pipeline import RegistrationOptions, register
+from dinoreg.core.transforms import AffineMap, Transform
 
 METHODS = sorted(registry())
 

@@ -20,15 +20,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DinoRegistrationLib.errors import InputError
-from DinoRegistrationLib.features import dino
-from DinoRegistrationLib.features.dino import backbones, slicewise, weights
-from DinoRegistrationLib.features.dino.intensity import looks_like_ct, normalise_intensity
-from DinoRegistrationLib.features.dino.meta_checkpoint import convert_meta_state_dict
-from DinoRegistrationLib.features.dino.pca import JointPCA
-from DinoRegistrationLib.features.dino.weights_cli import add_weights_subcommand
-from DinoRegistrationLib.progress import Progress
-from DinoRegistrationLib.volume import Grid
+from dinoreg.errors import InputError
+from dinoreg.features import dino
+from dinoreg.features.dino import backbones
+from dinoreg.features.dino import slicewise
+from dinoreg.store import backbones as weights
+from dinoreg.features.dino.intensity import looks_like_ct, normalise_intensity
+from dinoreg.store.meta_checkpoint import convert_meta_state_dict
+from dinoreg.features.dino.pca import JointPCA
+from dinoreg.cli.weights import add_weights_subcommand
+from dinoreg.progress import Progress
+from dinoreg.core.volume import Grid
 
 WIDTH = 128
 
@@ -567,7 +569,7 @@ def test_meta_download_is_converted_into_our_cache(model_files, monkeypatch):
         shutil.copy(pth, destination)
         return destination
 
-    monkeypatch.setattr("DinoRegistrationLib.downloads.download_verified", fake_download)
+    monkeypatch.setattr("dinoreg.store.downloads.download_verified", fake_download)
     assert run_cli(["weights", "download", "dinov2_vits14_reg", "--source", "meta"]) == 0
     assert urls == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"]
     converted = weights.converted_dir(weights.find_model("dinov2_vits14_reg"))

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DinoRegistrationLib.errors import InputError
-from DinoRegistrationLib.features.dino import backbones, slicewise
-from DinoRegistrationLib.methods import zeroshot
-from DinoRegistrationLib.methods.base import Availability, RegistrationProblem, prepare_working_pair
-from DinoRegistrationLib.progress import Progress
-from DinoRegistrationLib.transforms import AffineMap, Transform
-from DinoRegistrationLib.volume import Grid, Volume
+from dinoreg.errors import InputError
+from dinoreg.features.dino import backbones
+from dinoreg.features.dino import slicewise
+from dinoreg.methods import zeroshot
+from dinoreg.methods.base import Availability, RegistrationProblem, prepare_working_pair
+from dinoreg.progress import Progress
+from dinoreg.core.transforms import AffineMap, Transform
+from dinoreg.core.volume import Grid, Volume
 
 
 @dataclass
@@ -136,7 +137,7 @@ def test_ct_window_is_a_parameter_with_a_soft_tissue_default_for_body_ct():
 
 
 def test_ct_window_sets_the_grey_levels():
-    from DinoRegistrationLib.features.dino.intensity import normalise_intensity
+    from dinoreg.features.dino.intensity import normalise_intensity
 
     hu = torch.tensor([-1000.0] * 50 + [-150.0, 50.0, 250.0] + [1500.0] * 47)
     soft = normalise_intensity(hu, None, (-150.0, 250.0))
@@ -159,7 +160,7 @@ def test_one_mask_does_not_change_the_normalisation_of_one_image_only(pooling_ba
     problem = RegistrationProblem(volume_, volume_, volume_.with_array(mask[0, 0].numpy()), None)
     pair = prepare_working_pair(problem, Transform(), 0.0)
     fixed_region, moving_region = zeroshot.normalisation_masks(pair)
-    from DinoRegistrationLib.features.mind import robust_normalise
+    from dinoreg.features.mind import robust_normalise
 
     torch.testing.assert_close(robust_normalise(pair.fixed, fixed_region), robust_normalise(pair.moving, moving_region))
 

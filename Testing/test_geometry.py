@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from DinoRegistrationLib.geometry import (bending_energy, compose, diffusion_gradient, diffusion_penalty, identity_grid,
-                                          integrate_velocity, invert, jacobian_determinant, resize_field, warp)
+from dinoreg.core.geometry import (bending_energy, compose, diffusion_gradient, diffusion_penalty, identity_grid, integrate_velocity, invert, jacobian_determinant, resize_field, warp)
 
 
 def central_ball(shape, radius: float) -> torch.Tensor:
@@ -180,7 +179,7 @@ def test_runs_on_the_gpu():
 
 
 def test_upsample_field_matches_average_pooled_pyramids():
-    from DinoRegistrationLib.geometry import upsample_field
+    from dinoreg.core.geometry import upsample_field
 
     coarse = torch.zeros((1, 3, 4, 4, 4), dtype=torch.float64)
     coarse[:, 0] = 1.5
@@ -200,7 +199,7 @@ def test_grid_sample_3d_splits_over_threads_with_the_values_and_gradients_of_gri
     divide by the thread count."""
     import torch.nn.functional as F
 
-    from DinoRegistrationLib.geometry import grid_sample_3d
+    from dinoreg.core.geometry import grid_sample_3d
 
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, 20, 22, 24, generator=generator, dtype=torch.float64)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from DinoRegistrationLib import spatial
-from DinoRegistrationLib.methods.zeroshot import MindZeroShot
-from DinoRegistrationLib.pipeline import RegistrationOptions, register
-from DinoRegistrationLib.transforms import Transform, warp_volume
+from dinoreg.core import spatial
+from dinoreg.methods.zeroshot import MindZeroShot
+from dinoreg.app.pipeline import RegistrationOptions, register
+from dinoreg.core.transforms import Transform, warp_volume
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def brain_3mm(brain_scan):
 def assert_identity(volume, transform: Transform, label: str) -> None:
     moved = transform.mapped_points(volume.grid) - spatial.grid_points(volume.grid)
     length = (moved.norm(dim=-1) / float(volume.grid.spacing.min())).numpy()
-    from DinoRegistrationLib.transforms import jacobian_determinant
+    from dinoreg.core.transforms import jacobian_determinant
 
     jacobian = jacobian_determinant(transform, volume.grid)
     print(f"{label}: mean {length.mean():.4f} max {length.max():.4f} voxel, J [{jacobian.min():.4f}, {jacobian.max():.4f}]")
@@ -56,7 +56,7 @@ def test_mind_zeroshot_without_symmetrisation_or_affine_is_the_identity(brain_3m
 
 @pytest.mark.parametrize("method", ["dino-zeroshot", "dino-mind"])
 def test_dino_methods_of_a_volume_to_itself(brain_3mm, method, tmp_path, monkeypatch, tiny_dino_model):
-    from DinoRegistrationLib.features.dino import forget_loaded_backbones
+    from dinoreg.features.dino import forget_loaded_backbones
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -76,8 +76,8 @@ def test_affine_stage_is_reproducible_whatever_the_thread_count(brain_3mm):
     summed its histograms in a varying order: NCC differed in the third decimal between runs)."""
     import SimpleITK as sitk
 
-    from DinoRegistrationLib.affine import affine_registration
-    from DinoRegistrationLib.progress import Progress
+    from dinoreg.optim.affine import affine_registration
+    from dinoreg.progress import Progress
 
     moving = brain_3mm.with_array(np.roll(brain_3mm.array, (1, -2, 1), axis=(0, 1, 2)) * 1.1)
     default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()

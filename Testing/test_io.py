@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DinoRegistrationLib.io import read_volume, write_volume
-from DinoRegistrationLib.volume import Grid, Volume
+from dinoreg.io.volumes import read_volume, write_volume
+from dinoreg.core.volume import Grid, Volume
 from test_transforms import OBLIQUE
 
 
@@ -73,7 +73,7 @@ def test_freesurfer_mgz_matches_nifti_with_the_same_header(tmp_path):
 
 
 def test_folder_without_dicom_is_a_clear_error(tmp_path):
-    from DinoRegistrationLib.errors import InputError
+    from dinoreg.errors import InputError
 
     with pytest.raises(InputError, match="no DICOM series"):
         read_volume(tmp_path, "fixed image")
@@ -81,7 +81,7 @@ def test_folder_without_dicom_is_a_clear_error(tmp_path):
 
 def test_preview_slices_are_anatomical_whatever_the_storage_order():
     """The same anatomy stored LPS and LIA (FreeSurfer's order) gives the same preview slices."""
-    from DinoRegistrationLib.preview import mid_slices
+    from dinoreg.report.preview import mid_slices
 
     volume = Volume(np.random.default_rng(0).random((9, 10, 11)).astype(np.float32), Grid((11, 10, 9)))
     lia = Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LIA"))

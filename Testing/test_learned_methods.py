@@ -11,10 +11,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DEMO
-from DinoRegistrationLib.cli import main
-from DinoRegistrationLib.errors import InputError
-from DinoRegistrationLib.models import load_model, save_model
-from DinoRegistrationLib.networks import build_network
+from dinoreg.cli.main import main
+from dinoreg.errors import InputError
+from dinoreg.store import load_model, save_model
+from dinoreg.networks import build_network
 from networks_helpers import TINY_CONFIGS, tiny_dino_folder, tiny_network_spec
 from test_pipeline import sitk_resample_matches_warped
 
@@ -75,9 +75,9 @@ def test_every_network_registers_the_demo_pair_through_the_cli(key, dino_folder,
 
 
 def test_identical_inputs_give_the_identity(models_folder):
-    from DinoRegistrationLib.io import read_volume
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
-    from DinoRegistrationLib.spatial import grid_points
+    from dinoreg.io.volumes import read_volume
+    from dinoreg.app.pipeline import RegistrationOptions, register
+    from dinoreg.core.spatial import grid_points
 
     save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=2.0), CARD)
     image = read_volume(FIXED)
@@ -127,7 +127,7 @@ def test_corrupted_or_mismatched_checkpoints_give_one_line_errors(models_folder,
     assert "broken.safetensors" in line and "corrupted" in line and "save or copy" in line
     weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated, and its card updated to match the hash
     card = json.loads((models_folder / "broken.json").read_text())
-    from DinoRegistrationLib.models import sha256_of
+    from dinoreg.store import sha256_of
 
     card["weights_sha256"] = sha256_of(weights)
     (models_folder / "broken.json").write_text(json.dumps(card))
@@ -204,8 +204,8 @@ def test_oblique_anisotropic_input_gives_a_physically_correct_field(models_folde
 
 
 def test_io_preset_improves_on_the_network(models_folder, tmp_path):
-    from DinoRegistrationLib.io import read_volume
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+    from dinoreg.io.volumes import read_volume
+    from dinoreg.app.pipeline import RegistrationOptions, register
 
     save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=0.0), CARD)
     fixed, moving = read_volume(FIXED), read_volume(MOVING)
@@ -219,7 +219,7 @@ def test_io_preset_improves_on_the_network(models_folder, tmp_path):
 
 
 def test_methods_json_lists_learned_methods_with_weight_status(models_folder, monkeypatch, tmp_path, capsys):
-    from DinoRegistrationLib.models import registry as model_registry
+    from dinoreg.store import networks as model_registry
 
     save_model(models_folder / "tiny-local", tiny_model("unet", None), CARD)
     registry_file = tmp_path / "registry.json"
@@ -256,8 +256,8 @@ def test_methods_json_lists_learned_methods_with_weight_status(models_folder, mo
 def test_shipped_and_downloaded_models(models_folder, monkeypatch, tmp_path, capsys):
     """A shipped model (files next to the registry) is a method with no download; a downloadable one is
     fetched, checked against its SHA-256, and refused when the hash differs (nothing left behind)."""
-    from DinoRegistrationLib.models import download_model, registry_entry
-    from DinoRegistrationLib.models import registry as model_registry
+    from dinoreg.store import download_model, registry_entry
+    from dinoreg.store import networks as model_registry
 
     shipped_dir, remote = tmp_path / "shipped", tmp_path / "remote"
     shipped_card = save_model(shipped_dir / "ship-net", tiny_model("unet", None), CARD)
@@ -290,7 +290,7 @@ def test_shipped_and_downloaded_models(models_folder, monkeypatch, tmp_path, cap
 
 def test_models_shipped_in_the_repository_verify():
     """Every model listed as shipped in the real registry is present and passes its hash and a forward."""
-    from DinoRegistrationLib.models import list_models, verify_model
+    from dinoreg.store import list_models, verify_model
 
     shipped = [info for info in list_models() if info.source == "shipped"]
     if not shipped:
@@ -301,8 +301,8 @@ def test_models_shipped_in_the_repository_verify():
 
 
 def test_masks_make_the_result_ignore_everything_outside_them(models_folder):
-    from DinoRegistrationLib.io import read_volume
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+    from dinoreg.io.volumes import read_volume
+    from dinoreg.app.pipeline import RegistrationOptions, register
 
     save_model(models_folder / "tiny-unet", tiny_model("unet", None, target_voxels=2.0), CARD)
     fixed, moving = read_volume(FIXED), read_volume(MOVING)
@@ -328,8 +328,8 @@ def test_masks_make_the_result_ignore_everything_outside_them(models_folder):
 def test_antialiasing_before_a_coarse_model_grid_matches_average_pooling():
     """A 1 mm noise image brought to a 4 mm model grid: smoothed first, its spread matches average
     pooling by 4 (std / 8 for white noise, within 35 %), not point sampling (the full std)."""
-    from DinoRegistrationLib.methods.learned import antialiased
-    from DinoRegistrationLib.volume import Volume
+    from dinoreg.methods.learned import antialiased
+    from dinoreg.core.volume import Volume
 
     rng = np.random.default_rng(0)
     noise = Volume.from_array_ras(rng.standard_normal((64, 64, 64)).astype(np.float32))  # 1 mm
@@ -345,8 +345,8 @@ def test_field_on_grid_resamples_a_model_field_onto_the_finer_io_grid():
     same box, and a field growing along one axis keeps its physical values at the target points."""
     import torch
 
-    from DinoRegistrationLib.methods.learned import field_on_grid
-    from DinoRegistrationLib.volume import Grid
+    from dinoreg.methods.learned import field_on_grid
+    from dinoreg.core.volume import Grid
 
     coarse = Grid((10, 12, 14), np.zeros(3), np.full(3, 4.0), np.eye(3))
     fine = Grid((19, 23, 27), np.zeros(3), np.full(3, 2.0), np.eye(3))

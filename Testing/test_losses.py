@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DinoRegistrationLib.losses import (RegistrationLoss, dice_loss, inverse_consistency_loss, local_ncc_loss, mind_loss,
-                                        mse_loss, one_hot)
+from dinoreg.losses import (RegistrationLoss, dice_loss, inverse_consistency_loss, local_ncc_loss, mind_loss, mse_loss, one_hot)
 
 
 def blob_image(shape=(16, 18, 20), seed: int = 0) -> torch.Tensor:

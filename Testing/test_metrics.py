@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from DinoRegistrationLib import metrics
-from DinoRegistrationLib.cli import main
-from DinoRegistrationLib.io import write_volume
-from DinoRegistrationLib.itk_files import write_transform
-from DinoRegistrationLib.transforms import AffineMap, Transform
-from DinoRegistrationLib.volume import Grid, Volume
+from dinoreg.report import metrics
+from dinoreg.cli.main import main
+from dinoreg.io.volumes import write_volume
+from dinoreg.core.itk_files import write_transform
+from dinoreg.core.transforms import AffineMap, Transform
+from dinoreg.core.volume import Grid, Volume
 
 
 def test_dice_per_label_hand_computed():
@@ -93,7 +93,7 @@ def test_evaluate_command_reports_dice_jacobian_and_tre(tmp_path, capsys):
 
 
 def test_slicer_fcsv_landmarks_are_converted_from_ras(tmp_path):
-    from DinoRegistrationLib.landmarks import read_landmarks
+    from dinoreg.io.landmarks import read_landmarks
 
     (tmp_path / "p.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n"
                                      "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"

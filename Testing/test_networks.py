@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from DinoRegistrationLib.geometry import warp
-from DinoRegistrationLib.networks import build_network, needs_dino, network_classes
+from dinoreg.core.geometry import warp
+from dinoreg.networks import build_network, needs_dino, network_classes
 from networks_helpers import TINY_CONFIGS, tiny_dino_folder, tiny_network_spec
 
 
@@ -79,7 +79,7 @@ def test_fmir_channel_subset_while_training_and_stored_basis_at_inference(dino_f
 
 
 def test_cpu_convolution_fast_path_equals_torch():
-    from DinoRegistrationLib.networks.blocks import Conv3d
+    from dinoreg.networks.blocks import Conv3d
 
     torch.manual_seed(0)
     for stride, in_channels in ((1, 8), (2, 2)):

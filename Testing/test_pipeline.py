@@ -11,14 +11,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DEMO, shared_file
-from DinoRegistrationLib import outputs as outputs_module
-from DinoRegistrationLib.cli import main
-from DinoRegistrationLib.errors import Cancelled
-from DinoRegistrationLib.io import read_volume, write_volume
-from DinoRegistrationLib.methods.base import get_method
-from DinoRegistrationLib.pipeline import RegistrationOptions, register
-from DinoRegistrationLib.progress import Progress
-from DinoRegistrationLib.transforms import Transform, warp_volume
+from dinoreg.app import outputs as outputs_module
+from dinoreg.cli.main import main
+from dinoreg.errors import Cancelled
+from dinoreg.io.volumes import read_volume, write_volume
+from dinoreg.methods.base import get_method
+from dinoreg.app.pipeline import RegistrationOptions, register
+from dinoreg.progress import Progress
+from dinoreg.core.transforms import Transform, warp_volume
 
 
 def sitk_resample_matches_warped(outdir: Path, fixed_path: Path, moving_path: Path, labels: bool = False) -> float:
@@ -178,7 +178,7 @@ def test_apply_command_reproduces_warped_and_warps_labels(tmp_path):
 
 def test_non_finite_voxels_are_refused_by_the_api(brain_scan_2mm):
     """Issue 7 bug 3: a NaN slice registered and reported success. ``register()`` itself refuses it."""
-    from DinoRegistrationLib.errors import InputError
+    from dinoreg.errors import InputError
 
     image, labels = brain_scan_2mm
     broken = image.with_array(image.array.astype(np.float32).copy())
@@ -192,9 +192,9 @@ def test_non_finite_voxels_are_refused_by_the_api(brain_scan_2mm):
 
 
 def test_a_non_finite_transform_is_never_returned(brain_scan_2mm, monkeypatch):
-    from DinoRegistrationLib.errors import RegistrationFailed
-    from DinoRegistrationLib.methods.identity import IdentityMethod
-    from DinoRegistrationLib.transforms import AffineMap
+    from dinoreg.errors import RegistrationFailed
+    from dinoreg.methods.identity import IdentityMethod
+    from dinoreg.core.transforms import AffineMap
 
     image, _ = brain_scan_2mm
     monkeypatch.setattr(IdentityMethod, "run", lambda self, problem, initial: Transform([AffineMap(np.full((3, 3), np.nan))]))

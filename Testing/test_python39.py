@@ -116,7 +116,7 @@ def test_every_file_compiles_with_python_39():
 
 
 def test_peak_memory_is_reported_in_megabytes():
-    from DinoRegistrationLib.peak_memory import peak_rss_mb
+    from dinoreg.peak_memory import peak_rss_mb
 
     import numpy as np
 

@@ -17,13 +17,13 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DEMO, REPO
-from DinoRegistrationLib import pipeline
-from DinoRegistrationLib.errors import Cancelled
-from DinoRegistrationLib.io import read_volume
-from DinoRegistrationLib.methods.base import registry
-from DinoRegistrationLib.outputs import write_outputs
-from DinoRegistrationLib.pipeline import RegistrationOptions, register
-from DinoRegistrationLib.progress import Progress
+from dinoreg.app import pipeline
+from dinoreg.errors import Cancelled
+from dinoreg.io.volumes import read_volume
+from dinoreg.methods.base import registry
+from dinoreg.app.outputs import write_outputs
+from dinoreg.app.pipeline import RegistrationOptions, register
+from dinoreg.progress import Progress
 
 FIXED, MOVING = DEMO / "MRBrainTumor1.nii.gz", DEMO / "MRBrainTumor2.nii.gz"
 FAST = {"adam_iterations": 5}
@@ -59,14 +59,14 @@ def test_interrupted_writing_leaves_no_folder(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("DinoRegistrationLib.outputs.write_preview", interrupt)
+    monkeypatch.setattr("dinoreg.app.outputs.write_preview", interrupt)
     with pytest.raises(KeyboardInterrupt):
         write_outputs(result, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def cli_process(outdir: Path, *extra: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "DinoRegistrationLib.cli", "register", str(FIXED), str(MOVING), "-o", str(outdir),
+    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(FIXED), str(MOVING), "-o", str(outdir),
                "--method", "mind-zeroshot", "--progress-json", "--device", "cpu", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO / "DinoRegistration"), OMP_NUM_THREADS="1")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
@@ -139,7 +139,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu(monkeypatch):
 
 def test_failed_batch_pair_leaves_nothing_and_others_finish(tmp_path):
     """A pair whose writing fails (its folder name is blocked by a file) fails alone."""
-    from DinoRegistrationLib.batch import read_pairs, run_batch
+    from dinoreg.app.batch import read_pairs, run_batch
 
     table = tmp_path / "pairs.csv"
     table.write_text(f"fixed,moving\n{FIXED},{MOVING}\n{MOVING},{FIXED}\n")

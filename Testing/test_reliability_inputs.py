@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DinoRegistrationLib.batch import read_pairs, run_batch
-from DinoRegistrationLib.cli import main
-from DinoRegistrationLib.errors import InputError, RegistrationFailed
-from DinoRegistrationLib.io import read_mask, read_volume
-from DinoRegistrationLib.pipeline import RegistrationOptions, register
+from dinoreg.app.batch import read_pairs, run_batch
+from dinoreg.cli.main import main
+from dinoreg.errors import InputError, RegistrationFailed
+from dinoreg.io.volumes import read_mask, read_volume
+from dinoreg.app.pipeline import RegistrationOptions, register
 
 SHAPE = (20, 24, 22)
 

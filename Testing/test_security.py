@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from DinoRegistrationLib.downloads import check_recorded_hash, download_verified, verify_hub_snapshot
-from DinoRegistrationLib.errors import InputError
+from dinoreg.store.downloads import check_recorded_hash, download_verified, verify_hub_snapshot
+from dinoreg.errors import InputError
 
 SOURCES = sorted(p for folder in ("DinoRegistration", "benchmarks") for p in (REPO / folder).rglob("*.py"))
 
@@ -72,7 +72,7 @@ def test_the_scan_finds_unsafe_calls():
 
 #: files allowed one finding, with the reason (each is a local file this program wrote itself)
 ALLOWED = {
-    "DinoRegistration/DinoRegistrationLib/training/checkpoint.py":
+    "DinoRegistration/dinoreg/training/checkpoint.py":
         "torch.load(weights_only=False) resumes this machine's own training checkpoint (optimizer state), never a download",
 }
 
@@ -136,9 +136,9 @@ def test_hub_snapshot_blobs_are_checked(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_staging_folder_and_temporary_files_are_private(tmp_path, monkeypatch):
     """Results are assembled in a 0700 folder; temporary files are created 0600 (mkstemp)."""
-    from DinoRegistrationLib import outputs
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
-    from DinoRegistrationLib.volume import Grid, Volume
+    from dinoreg.app import outputs
+    from dinoreg.app.pipeline import RegistrationOptions, register
+    from dinoreg.core.volume import Grid, Volume
 
     modes = {}
     original_write_files = outputs.write_files

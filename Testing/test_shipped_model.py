@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DinoRegistrationLib.cli import main
+from dinoreg.cli.main import main
 
 SHIPPED = "unet-brain"
 
@@ -17,7 +17,7 @@ SHIPPED = "unet-brain"
 @pytest.fixture(autouse=True)
 def shipped_model_present():
     """Until a trained model beats the affine baseline no weights are shipped (see BENCHMARKS.md)."""
-    from DinoRegistrationLib.models import find_model
+    from dinoreg.store import find_model
 
     info = find_model(SHIPPED)
     if info is None or info.source != "shipped":
@@ -29,7 +29,7 @@ def test_shipped_model_is_listed_with_its_card(capsys):
     methods = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     entry = methods[SHIPPED]
     assert entry["kind"] == "learned" and entry["available"]
-    from DinoRegistrationLib.models import find_model, read_card
+    from dinoreg.store import find_model, read_card
 
     info = find_model(SHIPPED)
     assert info.source == "shipped" and info.present

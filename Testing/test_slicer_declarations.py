@@ -6,7 +6,7 @@ node field of that name, through the first connector whose ``canRepresent(widget
 connector accepts, or a connector's refusal (an unbounded float on a slider: "Cannot have a connection to
 ctkSliderWidget where the float types is unbounded", v5.6.0 line 319), makes ``connectGui`` raise in
 ``setup()``: no widget is bound and the panel does not work. These rules are restated below and checked
-against our ``.ui`` and ``DinoRegistrationSlicer.parameters``, so the next bad declaration fails here.
+against our ``.ui`` and ``DinoRegistrationLib.parameters``, so the next bad declaration fails here.
 Also checked: every ``self.ui.NAME`` the panel uses exists in the ``.ui``, and the module file holds
 only Module, Widget and Test, and never blocks the main thread.
 """
@@ -33,7 +33,7 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "DinoRegistration.ui"
 MODULE_FILE = MODULE_DIR / "DinoRegistration.py"
 sys.path.insert(0, str(MODULE_DIR))
 
-from DinoRegistrationSlicer import parameters  # noqa: E402
+from DinoRegistrationLib import parameters  # noqa: E402
 
 #: widget class -> kind of value Slicer's connectors bind it to (exact class: the connectors test type(widget) ==)
 CONNECTOR_KINDS = {

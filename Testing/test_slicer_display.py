@@ -24,7 +24,7 @@ from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "DinoRegistration"))
 
-from DinoRegistrationSlicer import scene as slicer_scene  # noqa: E402
+from DinoRegistrationLib import scene as slicer_scene  # noqa: E402
 
 
 def line_volume(scene, values) -> object:

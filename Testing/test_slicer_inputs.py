@@ -21,8 +21,8 @@ import slicer.util  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "DinoRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from DinoRegistrationSlicer.job import RegistrationError, RegistrationOptions  # noqa: E402
-from DinoRegistrationSlicer.logic import DinoRegistrationLogic, runFolder  # noqa: E402
+from DinoRegistrationLib.job import RegistrationError, RegistrationOptions  # noqa: E402
+from DinoRegistrationLib.logic import DinoRegistrationLogic, runFolder  # noqa: E402
 from test_slicer_logic import (FIXED_MATRIX, MODULE_DIR, add_pair, add_volume, assert_unchanged, ijk_to_ras,  # noqa: E402
                                new_scene, node_ids, private_temp_folder, snapshot, temp_dirs)  # noqa: F401 (autouse)
 

@@ -13,8 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "DinoRegistration"))
 
-from DinoRegistrationLib.errors import InputError  # noqa: E402
-from DinoRegistrationLib.landmarks import landmark_check, pair_landmarks, read_labelled_landmarks  # noqa: E402
+from dinoreg.errors import InputError  # noqa: E402
+from dinoreg.io.landmarks import landmark_check, pair_landmarks, read_labelled_landmarks  # noqa: E402
 
 SHIFT_RAS = np.array([4.0, -3.0, 2.0])  # moving content = fixed content moved by this
 FIXED_POINTS = np.array([[10.0, 0.0, 0.0], [0.0, 12.0, -4.0], [-8.0, -6.0, 5.0], [3.0, 3.0, 3.0]])
@@ -75,8 +75,8 @@ def test_logic_measures_landmarks_before_and_after_on_a_real_scene():
         pytest.skip("the 'slicer' package is not slicer-core")
     import vtk
 
-    from DinoRegistrationSlicer.job import RegistrationError
-    from DinoRegistrationSlicer.logic import DinoRegistrationLogic
+    from DinoRegistrationLib.job import RegistrationError
+    from DinoRegistrationLib.logic import DinoRegistrationLogic
 
     scene = slicer.vtkMRMLScene()
     fixed = markups(scene, "F", FIXED_POINTS, ["a", "b", "c", "d"])
@@ -142,7 +142,7 @@ def test_cli_reports_landmark_distances_in_report_json(tmp_path):
     ras = np.array([-1.0, -1.0, 1.0])
     write_fcsv(tmp_path / "F.fcsv", centres_lps * ras, ["a", "b", "c", "d"])
     write_fcsv(tmp_path / "M.fcsv", ((centres_lps + shift_lps) * ras)[::-1], ["d", "c", "b", "a"])
-    out = subprocess.run([sys.executable, "-m", "DinoRegistrationLib.cli", "register", str(tmp_path / "fixed.nii.gz"),
+    out = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", str(tmp_path / "fixed.nii.gz"),
                           str(tmp_path / "moving.nii.gz"), "-o", str(tmp_path / "out"), "--method", "affine",
                           "--device", "cpu", "--no-jacobian", "--quiet", "--fixed-landmarks", str(tmp_path / "F.fcsv"),
                           "--moving-landmarks", str(tmp_path / "M.fcsv")],
@@ -158,7 +158,7 @@ def test_cli_reports_landmark_distances_in_report_json(tmp_path):
 def test_cli_refuses_unpaired_landmarks_before_registering(tmp_path):
     write_fcsv(tmp_path / "F.fcsv", FIXED_POINTS, ["", "", "", ""])
     write_fcsv(tmp_path / "M.fcsv", FIXED_POINTS[:3], ["", "", ""])
-    out = subprocess.run([sys.executable, "-m", "DinoRegistrationLib.cli", "register", "f.nii.gz", "m.nii.gz", "-o",
+    out = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", "f.nii.gz", "m.nii.gz", "-o",
                           str(tmp_path / "out"), "--fixed-landmarks", str(tmp_path / "F.fcsv")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "DinoRegistration")})

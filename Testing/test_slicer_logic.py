@@ -1,7 +1,7 @@
 """The Slicer module's Logic on a real MRML scene (headless, with the ``slicer-core`` package).
 
 The engine runs as in Slicer: its command line in a background process (``sys.executable -m
-DinoRegistrationLib.cli``). Where a test needs an engine that is slow or crashes on purpose, a stand-in
+dinoreg.cli.main``). Where a test needs an engine that is slow or crashes on purpose, a stand-in
 package is put first on the engine's PYTHONPATH. Skipped when slicer-core is not installed.
 """
 
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "DinoRegistration"
 sys.path.insert(0, str(MODULE_DIR))
 
-from DinoRegistrationSlicer import methods as method_list  # noqa: E402
-from DinoRegistrationSlicer.job import RegistrationError, RegistrationOptions  # noqa: E402
-from DinoRegistrationSlicer.logic import DinoRegistrationLogic  # noqa: E402
-from DinoRegistrationSlicer.process import formatSeconds, unexpectedExitMessage  # noqa: E402
+from DinoRegistrationLib import methods as method_list  # noqa: E402
+from DinoRegistrationLib.job import RegistrationError, RegistrationOptions  # noqa: E402
+from DinoRegistrationLib.logic import DinoRegistrationLogic  # noqa: E402
+from DinoRegistrationLib.process import formatSeconds, unexpectedExitMessage  # noqa: E402
 
 FAST = dict(device="cpu", computeInverse=False, computeJacobian=False)
 
@@ -176,7 +176,7 @@ def private_temp_folder(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_engine(tmp_path, monkeypatch):
     """A logic whose engine is the stand-in above; returns (logic, set_mode)."""
-    package = tmp_path / "fake" / "DinoRegistrationLib"
+    package = tmp_path / "fake" / "dinoreg"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "cli.py").write_text(textwrap.dedent(FAKE_CLI))
@@ -213,12 +213,12 @@ def test_module_imports_fast_without_torch_or_engine():
     script = textwrap.dedent(f"""
         import sys, time
         import slicer, vtk, numpy  # present in every Slicer session before modules load
-        LIGHT = ("DinoRegistrationLib", "DinoRegistrationLib.progress", "DinoRegistrationLib.errors",
-                 "DinoRegistrationLib.requirements", "DinoRegistrationLib.landmarks", "DinoRegistrationLib.output_files")
+        LIGHT = ("dinoreg", "dinoreg.progress", "dinoreg.errors",
+                 "dinoreg.requirements", "dinoreg.io.landmarks", "dinoreg.io.output_files")
         class Block:
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in ("torch", "SimpleITK", "transformers", "monai", "scipy") or (
-                        name.startswith("DinoRegistrationLib") and name not in LIGHT):
+                        name.startswith("dinoreg") and name not in LIGHT):
                     raise ImportError("blocked by test: " + name)
         sys.meta_path.insert(0, Block())
         sys.path.insert(0, {str(MODULE_DIR)!r})
@@ -316,7 +316,7 @@ def test_transform_node_maps_points_like_the_engine_and_saves_as_itk(affine_run,
 
 def test_comparison_views_follow_the_toggle(affine_run):
     scene, fixed, moving, result = affine_run["scene"], affine_run["fixed"], affine_run["moving"], affine_run["result"]
-    from DinoRegistrationSlicer import scene as slicer_scene
+    from DinoRegistrationLib import scene as slicer_scene
 
     slicer_scene.add_slice_views(scene)
     composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
@@ -516,7 +516,7 @@ def test_registration_command_line_follows_the_options(logic):
                      "--param iterations=50", "--no-affine", "--no-inverse", "--fixed-mask fm.nrrd"):
         assert expected in joined
     assert "--no-jacobian" not in joined and "--moving-mask" not in joined
-    assert logic.engineCommand("methods")[:3] == [sys.executable, "-m", "DinoRegistrationLib.cli"]
+    assert logic.engineCommand("methods")[:3] == [sys.executable, "-m", "dinoreg.cli.main"]
     assert logic.engineEnvironment()["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
 
 

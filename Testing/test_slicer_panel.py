@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "DinoRegistration"
 sys.path.insert(0, str(MODULE_DIR))
 
-from DinoRegistrationLib import requirements  # noqa: E402
-from DinoRegistrationSlicer import methods as method_list  # noqa: E402
+from dinoreg import requirements  # noqa: E402
+from DinoRegistrationLib import methods as method_list  # noqa: E402
 
 DINO_REASON = ("DINO model facebook/dinov2-with-registers-small is not downloaded: looked in /root/.cache/huggingface/"
                "hub/models--facebook--dinov2-with-registers-small and /root/.cache/dinoreg/dino/converted/"
@@ -82,7 +82,7 @@ def test_one_list_of_engine_requirements_agrees_with_pyproject():
     normalise = lambda r: re.sub(r"[-_.]+", "-", r.lower()).replace(" ", "")  # noqa: E731
     assert sorted(map(normalise, declared)) == sorted(map(normalise, requirements.ENGINE_REQUIREMENTS.values()))
     module = (MODULE_DIR / "DinoRegistration.py").read_text() + "".join(
-        p.read_text() for p in (MODULE_DIR / "DinoRegistrationSlicer").glob("*.py"))
+        p.read_text() for p in (MODULE_DIR / "DinoRegistrationLib").glob("*.py"))
     assert "transformers>=" not in module  # no copy of the list on the Slicer side
 
 
@@ -95,7 +95,7 @@ def test_requirement_versions_are_checked():
     built_in = requirements.check_requirements(lambda name: None if name == "SimpleITK" else "99", lambda name: True)
     assert built_in["missing"] == [] and built_in["install"] == []  # e.g. Slicer's own SimpleITK, no metadata
     assert set(report["install"]) == {"torch>=2.1", "transformers>=5"}
-    from DinoRegistrationSlicer.install import missingSummary, needsTorch, pipRequirements
+    from DinoRegistrationLib.install import missingSummary, needsTorch, pipRequirements
 
     assert pipRequirements(report) == ["transformers>=5"] and needsTorch(report)
     assert missingSummary(report) == "torch; transformers 4.47.0 (needs >=5)"

@@ -1,5 +1,5 @@
 """Background processes as the panel runs them, and the JSON progress protocol they speak (defined once in
-DinoRegistrationLib.progress, written by the CLI and read by the panel)."""
+dinoreg.progress, written by the CLI and read by the panel)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "DinoRegistration"
 sys.path.insert(0, str(MODULE_DIR))
 
-from DinoRegistrationLib.progress import (done_event, error_event, format_event, parse_event,  # noqa: E402
-                                          progress_event)
+from dinoreg.progress import done_event, error_event, format_event, parse_event, progress_event
 
 ENV = {**os.environ, "PYTHONPATH": str(MODULE_DIR)}
 
 
 def cli(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "DinoRegistrationLib.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dinoreg.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or ENV)
 
 
@@ -60,7 +59,7 @@ def test_weights_download_speaks_the_protocol_and_fails_in_one_line():
 
 
 def test_download_watcher_reports_bytes_arriving(tmp_path):
-    from DinoRegistrationLib.progress import DownloadWatcher
+    from dinoreg.progress import DownloadWatcher
 
     events = []
     with DownloadWatcher([tmp_path], total_bytes=4000, stage="downloading x", interval=0.05, emit=events.append):
@@ -101,7 +100,7 @@ def test_cancel_returns_at_once_and_polling_forces_the_stop():
     """The panel cancels from the main thread: ``cancel()`` must not wait for the engine (it used to wait
     up to 8 s); the forced stop comes from ``poll()`` (the panel's timer) after the grace time."""
     pytest.importorskip("slicer")
-    from DinoRegistrationSlicer.process import EngineProcess
+    from DinoRegistrationLib.process import EngineProcess
 
     process = EngineProcess([sys.executable, "-c", STUBBORN]).start()
     deadline = time.monotonic() + 30
@@ -118,7 +117,7 @@ def test_cancel_returns_at_once_and_polling_forces_the_stop():
 
 def test_background_output_is_read_without_blocking_the_caller():
     pytest.importorskip("slicer")
-    from DinoRegistrationSlicer.process import EngineProcess
+    from DinoRegistrationLib.process import EngineProcess
 
     process = EngineProcess([sys.executable, "-c", "import time; time.sleep(2); print('{\"event\": \"done\"}')"]).start()
     started = time.monotonic()

@@ -49,7 +49,7 @@ def bundle(tmp_path_factory):
     fixed = write_blob_image(folder / "fixed.nii.gz", (0.0, 0.0, 0.0), rotation_z(15))
     moving = write_blob_image(folder / "moving.nii.gz", (3.0, -2.0, 2.0), rotation_z(-10))
     mrb = folder / "result.mrb"
-    command = [sys.executable, "-m", "DinoRegistrationLib.cli", "register", str(fixed), str(moving), "-o",
+    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(fixed), str(moving), "-o",
                str(folder / "out"), "--method", "affine", "--device", "cpu", "--quiet", "--scene", str(mrb)]
     done = subprocess.run(command, cwd=MODULE_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -61,7 +61,7 @@ def nodes_by_name(scene) -> dict:
 
 
 def test_bundle_holds_the_complete_result(bundle):
-    from DinoRegistrationSlicer.scene import read_bundle
+    from DinoRegistrationLib.scene import read_bundle
 
     scene = read_bundle(bundle["mrb"])
     nodes = nodes_by_name(scene)
@@ -91,7 +91,7 @@ def test_bundle_holds_the_complete_result(bundle):
 
 
 def test_bundle_transform_is_the_engine_transform_in_fromparent_direction(bundle):
-    from DinoRegistrationSlicer.scene import read_bundle
+    from DinoRegistrationLib.scene import read_bundle
 
     scene = read_bundle(bundle["mrb"])
     transform = nodes_by_name(scene)["moving to fixed"]
@@ -105,7 +105,7 @@ def test_bundle_transform_is_the_engine_transform_in_fromparent_direction(bundle
 
 
 def test_bundle_views_show_fixed_faded_with_warped(bundle):
-    from DinoRegistrationSlicer.scene import read_bundle
+    from DinoRegistrationLib.scene import read_bundle
 
     scene = read_bundle(bundle["mrb"])
     nodes = nodes_by_name(scene)
@@ -131,8 +131,8 @@ def test_scene_export_without_slicer_core_says_how_to_get_it(tmp_path):
                     raise ImportError("blocked by test")
         sys.meta_path.insert(0, Block())
         sys.path.insert(0, {str(MODULE_DIR)!r})
-        from DinoRegistrationLib.errors import InputError
-        from DinoRegistrationSlicer.scene import write_scene_bundle
+        from dinoreg.errors import InputError
+        from DinoRegistrationLib.scene import write_scene_bundle
         try:
             write_scene_bundle({str(tmp_path)!r}, {str(tmp_path / 'x.mrb')!r}, "f.nii.gz", "m.nii.gz")
         except InputError as error:
@@ -146,8 +146,8 @@ def test_scene_export_without_slicer_core_says_how_to_get_it(tmp_path):
 
 def test_scene_export_of_a_folder_without_results_is_an_input_error(tmp_path):
     pytest.importorskip("slicer")
-    from DinoRegistrationLib.errors import InputError
-    from DinoRegistrationSlicer.scene import write_scene_bundle
+    from dinoreg.errors import InputError
+    from DinoRegistrationLib.scene import write_scene_bundle
 
     with pytest.raises(InputError, match="warped.nii.gz"):
         write_scene_bundle(tmp_path, tmp_path / "x.mrb", tmp_path / "f.nii.gz", tmp_path / "m.nii.gz")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(MODULE_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import DinoRegistration  # noqa: E402
-from DinoRegistrationSlicer import parameters  # noqa: E402
+from DinoRegistrationLib import parameters  # noqa: E402
 from test_slicer_logic import add_pair, new_scene, private_temp_folder  # noqa: E402,F401 (autouse)
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "DinoRegistration.ui"

@@ -27,7 +27,7 @@ def test_zero_shot_register_command_imports_no_heavy_module_it_does_not_need(tmp
         sitk.WriteImage(image, str(tmp_path / name))
     code = (
         "import sys\n"
-        "from DinoRegistrationLib.cli import main\n"
+        "from dinoreg.cli.main import main\n"
         f"status = main(['register', "
         f"{str(tmp_path / 'fixed.nii.gz')!r}, {str(tmp_path / 'moving.nii.gz')!r}, '-o', {str(tmp_path / 'out')!r}, "
         "'--method', 'mind-zeroshot', '--no-affine', '--quiet', '--param', 'adam_iterations=3'])\n"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from DinoRegistrationLib.errors import InputError
-from DinoRegistrationLib.training.config import load_config, parse_config
+from dinoreg.errors import InputError
+from dinoreg.training.config import load_config, parse_config
 
 TINY = {
     "seed": 3,
@@ -55,8 +55,8 @@ def test_example_configs_parse():
 
 def held_out_loss(network, config) -> float:
     """Mean loss of the network on 4 fixed random-shape pairs it never trains on."""
-    from DinoRegistrationLib.data.random_shapes import RandomShapeSettings, random_shape_pair
-    from DinoRegistrationLib.losses import RegistrationLoss
+    from dinoreg.data.random_shapes import RandomShapeSettings, random_shape_pair
+    from dinoreg.losses import RegistrationLoss
 
     loss = RegistrationLoss({"lncc": 1.0}, lncc_window=5)
     values = []
@@ -69,9 +69,9 @@ def held_out_loss(network, config) -> float:
 
 
 def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
-    from DinoRegistrationLib.training.export import read_model_weights
-    from DinoRegistrationLib.training.networks import build_training_network
-    from DinoRegistrationLib.training.trainer import train
+    from dinoreg.training.export import read_model_weights
+    from dinoreg.training.networks import build_training_network
+    from dinoreg.training.trainer import train
 
     config = tiny_config()
     torch.manual_seed(config.seed)
@@ -91,7 +91,7 @@ def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
 
 
 def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path):
-    from DinoRegistrationLib.training.trainer import train
+    from dinoreg.training.trainer import train
 
     config = tiny_config(steps=8)
     train(config, tmp_path / "straight", progress_bar=False)
@@ -113,7 +113,7 @@ def test_resume_continues_exactly_where_an_interrupted_run_stopped(tmp_path):
 
 
 def test_mean_dice_by_hand():
-    from DinoRegistrationLib.training.validation import mean_dice
+    from dinoreg.training.validation import mean_dice
 
     fixed = torch.tensor([1, 1, 2, 2, 0, 3])
     warped = torch.tensor([1, 2, 2, 2, 0, 0])
@@ -125,8 +125,8 @@ def test_finetune_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path / "models"))
     import SimpleITK as sitk
 
-    from DinoRegistrationLib.cli import main
-    from DinoRegistrationLib.training.trainer import train
+    from dinoreg.cli.main import main
+    from dinoreg.training.trainer import train
 
     base = train(tiny_config(steps=2), tmp_path / "base", progress_bar=False)
     (tmp_path / "scans").mkdir()
@@ -140,7 +140,7 @@ def test_finetune_through_the_cli(tmp_path, monkeypatch):
     assert status == 0
     installed = tmp_path / "models" / "my-tuned.json"
     assert json.loads(installed.read_text())["name"] == "my-tuned"
-    from DinoRegistrationLib.models import find_model
+    from dinoreg.store import find_model
 
     assert find_model("my-tuned").source == "local" and find_model("my-tuned").present
     card = json.loads((tmp_path / "tuned" / "model.json").read_text())
@@ -152,7 +152,7 @@ def test_finetune_through_the_cli(tmp_path, monkeypatch):
 def test_fmir_channel_basis_is_fitted_on_training_features(tmp_path):
     from safetensors.torch import load_file
 
-    from DinoRegistrationLib.training.trainer import train
+    from dinoreg.training.trainer import train
 
     raw = json.loads(json.dumps(TINY))
     raw["network"] = {"name": "fmir", "config": {"backend": "mind", "channels": 6, "levels": 2, "head_downsample": 2,
@@ -170,7 +170,7 @@ class OnePairSource:
     """A training source that always returns the same labelled random-shape pair (and validates on it)."""
 
     def __init__(self, shape=(32, 32, 32)):
-        from DinoRegistrationLib.data.random_shapes import RandomShapeSettings, random_shape_pair
+        from dinoreg.data.random_shapes import RandomShapeSettings, random_shape_pair
 
         self.pair = random_shape_pair(shape, torch.Generator().manual_seed(1), RandomShapeSettings(max_velocity_voxels=6.0))
         self.label_ids = list(range(16))
@@ -179,7 +179,7 @@ class OnePairSource:
         return self.pair
 
     def labelled_pairs(self):
-        from DinoRegistrationLib.training.validation import LabelledPair
+        from dinoreg.training.validation import LabelledPair
 
         p = self.pair
         return [LabelledPair("one", p.fixed[0, 0].numpy(), p.moving[0, 0].numpy(), p.fixed_labels[0, 0].numpy(),
@@ -191,14 +191,14 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     steps looked like a detached graph or an ignored field): fitted on one pair, the trainer must grow
     the network's displacement, raise that pair's validation Dice, and score exactly the Dice of the
     labels warped by hand through the network's own forward."""
-    import DinoRegistrationLib.data.sources as sources
-    from DinoRegistrationLib.data.brain_pairs import normalise_foreground
-    from DinoRegistrationLib.geometry import warp
-    from DinoRegistrationLib.models import load_model
-    from DinoRegistrationLib.training.export import read_model_weights
-    from DinoRegistrationLib.training.networks import build_training_network
-    from DinoRegistrationLib.training.trainer import train
-    from DinoRegistrationLib.training.validation import mean_dice
+    import dinoreg.data.sources as sources
+    from dinoreg.data.brain_pairs import normalise_foreground
+    from dinoreg.core.geometry import warp
+    from dinoreg.store import load_model
+    from dinoreg.training.export import read_model_weights
+    from dinoreg.training.networks import build_training_network
+    from dinoreg.training.trainer import train
+    from dinoreg.training.validation import mean_dice
 
     source = OnePairSource()
     monkeypatch.setattr(sources, "make_source", lambda *args, **kwargs: source)

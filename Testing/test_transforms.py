@@ -9,10 +9,11 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from DinoRegistrationLib import geometry, spatial
-from DinoRegistrationLib.itk_files import read_transform, to_sitk_transform, write_transform
-from DinoRegistrationLib.transforms import AffineMap, DenseField, Transform, jacobian_determinant, warp_volume
-from DinoRegistrationLib.volume import Grid, Volume
+from dinoreg.core import geometry
+from dinoreg.core import spatial
+from dinoreg.core.itk_files import read_transform, to_sitk_transform, write_transform
+from dinoreg.core.transforms import AffineMap, DenseField, Transform, jacobian_determinant, warp_volume
+from dinoreg.core.volume import Grid, Volume
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
@@ -196,8 +197,8 @@ def test_resample_without_transform_equals_the_engine_identity_warp():
     values: oblique, anisotropic grids, partly outside the moving image (0 there), images and labels."""
     import SimpleITK as sitk
 
-    from DinoRegistrationLib.transforms import Transform, resample_without_transform, warp_volume
-    from DinoRegistrationLib.volume import Grid, Volume
+    from dinoreg.core.transforms import Transform, resample_without_transform, warp_volume
+    from dinoreg.core.volume import Grid, Volume
 
     rng = np.random.default_rng(2)
     image = sitk.GetImageFromArray(rng.random((12, 14, 16)).astype(np.float32) * 100)

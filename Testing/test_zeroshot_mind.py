@@ -15,18 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DinoRegistrationLib import geometry, spatial
-from DinoRegistrationLib.errors import Cancelled, InputError
-from DinoRegistrationLib.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
-from DinoRegistrationLib.spatial import voxels_per_axis
-from DinoRegistrationLib.methods import zeroshot
-from DinoRegistrationLib.methods.base import RegistrationProblem
-from DinoRegistrationLib.optim.convex_adam import (STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam,
-                                                   convex_search, make_inverse_consistent, search_cost_volume,
-                                                   search_geometry)
-from DinoRegistrationLib.progress import Progress
-from DinoRegistrationLib.transforms import Transform, warp_volume
-from DinoRegistrationLib.volume import Volume
+from dinoreg.core import geometry
+from dinoreg.core import spatial
+from dinoreg.errors import Cancelled, InputError
+from dinoreg.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
+from dinoreg.core.spatial import voxels_per_axis
+from dinoreg.methods import zeroshot
+from dinoreg.methods.base import RegistrationProblem
+from dinoreg.optim.convex_adam import (STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam, convex_search, make_inverse_consistent, search_cost_volume, search_geometry)
+from dinoreg.progress import Progress
+from dinoreg.core.transforms import Transform, warp_volume
+from dinoreg.core.volume import Volume
 
 
 def blobs(shape=(32, 32, 32), seed=0, count=12) -> torch.Tensor:
@@ -292,7 +291,7 @@ def test_presets_hold_every_parameter_and_bad_values_are_input_errors():
 
 
 def test_dino_methods_report_unavailable_when_the_backend_is_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "DinoRegistrationLib.features.dino", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "dinoreg.features.dino", None)  # import now fails
     for method in (zeroshot.DinoZeroShot(), zeroshot.DinoMind()):
         availability = method.availability()
         assert not availability.ok
@@ -302,7 +301,7 @@ def test_dino_methods_report_unavailable_when_the_backend_is_missing(monkeypatch
 
 def test_dino_methods_run_end_to_end_with_a_tiny_local_model(tmp_path, monkeypatch, tiny_dino_model):
     """dino-zeroshot and dino-mind wire the DINO backend into ConvexAdam (a tiny random ViT: no weights needed)."""
-    from DinoRegistrationLib.features.dino import forget_loaded_backbones
+    from dinoreg.features.dino import forget_loaded_backbones
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -322,7 +321,7 @@ def test_dino_methods_run_end_to_end_with_a_tiny_local_model(tmp_path, monkeypat
             assert "dino features" in stages and STAGE_ADAM in stages
             assert set(stages) <= set(method.stage_weights)
         # through the pipeline: availability is judged with the user's model, and 'auto' prefers dino-mind
-        from DinoRegistrationLib.pipeline import RegistrationOptions, register
+        from dinoreg.app.pipeline import RegistrationOptions, register
 
         for name, expected in (("dino-zeroshot", "dino-zeroshot"), ("auto", "dino-mind")):
             options = RegistrationOptions(method=name, preset="fast", params=overrides, use_affine=False,
@@ -389,7 +388,7 @@ def test_sample_table_matches_grid_sample_values_gradients_and_border():
     volume with a single slice."""
     import torch.nn.functional as F
 
-    from DinoRegistrationLib.optim.convex_adam import channels_last_table, sample_table
+    from dinoreg.optim.convex_adam import channels_last_table, sample_table
 
     generator = torch.Generator().manual_seed(3)
     for shape in [(5, 6, 7), (1, 6, 7)]:

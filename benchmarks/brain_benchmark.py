@@ -7,7 +7,7 @@ per method. See ``benchmarks/README.md`` for the data, the pairs and how numbers
 Pairs (1 mm, 160x192x224 voxels, LIA like FreeSurfer's conformed space):
 
 - ``synthseg``: T1-like images synthesised from two different SynthSeg subjects' label maps
-  (``DinoRegistrationLib/data/synthesis.py``), fixed = subject 2k+1, moving = subject 2k+2;
+  (``dinoreg/data/synthesis.py``), fixed = subject 2k+1, moving = subject 2k+2;
 - ``oasis``: the real voxelmorph OASIS T1 (fixed) against a synthesised SynthSeg subject (moving),
   subjects taken from 20 downwards.
 
@@ -52,8 +52,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO / "DinoRegistration"))
 sys.path.insert(0, str(BENCH_DIR))
 
-from DinoRegistrationLib.data import synthesis as synthesize  # noqa: E402
-from DinoRegistrationLib.data.synthesis import EVAL_LABELS, RIGHT_TO_LEFT, STRUCTURE_NAMES, Subject  # noqa: E402
+from dinoreg.data import synthesis as synthesize  # noqa: E402
+from dinoreg.data.synthesis import EVAL_LABELS, RIGHT_TO_LEFT, STRUCTURE_NAMES, Subject  # noqa: E402
 
 DEFAULT_METHODS = "identity,affine,mind-zeroshot,dino-zeroshot,ants-syn"
 DEFAULT_CACHE = Path(os.environ.get("DINOREG_BENCH_CACHE", "/tmp/dinoreg-benchmark"))
@@ -167,7 +167,7 @@ def random_dino_model(cache: Path) -> Path:
 def dino_unavailable_reason(model: str) -> str | None:
     """None when the engine's DINO backend can use ``model``, else why not (never raises)."""
     try:
-        from DinoRegistrationLib.methods.zeroshot import dino_module_availability
+        from dinoreg.methods.zeroshot import dino_module_availability
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     availability = dino_module_availability(model)
@@ -179,7 +179,7 @@ def dino_unavailable_reason(model: str) -> str | None:
 
 def hd95_cropped(mask_a: np.ndarray, mask_b: np.ndarray, spacing_kji: tuple[float, float, float]) -> float:
     """metrics.hd95 on the bounding box of both masks (plus a 2-voxel margin): same value, much faster."""
-    from DinoRegistrationLib import metrics
+    from dinoreg.report import metrics
 
     union = (mask_a | mask_b).astype(np.uint8)
     boxes = ndimage.find_objects(union)
@@ -206,7 +206,7 @@ def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, warped_la
 
 
 def jacobian_metrics(jacobian: np.ndarray) -> dict[str, float]:
-    from DinoRegistrationLib import metrics
+    from dinoreg.report import metrics
 
     return {"sdlogj": metrics.sdlogj(jacobian), "percent_nonpositive_jacobian": metrics.folding_percent(jacobian)}
 
@@ -221,7 +221,7 @@ def peak_ram_mb() -> float:
 
 def run_engine(spec: MethodSpec, pair: Pair, device: str) -> dict[str, Any]:
     """One engine registration; timings and memory from the child process and the engine report."""
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+    from dinoreg.app.pipeline import RegistrationOptions, register
 
     fixed = synthesize.read_volume(pair.fixed.image)
     moving = synthesize.read_volume(pair.moving.image)
@@ -425,7 +425,7 @@ def build_report(specs: list[MethodSpec], pairs: list[Pair], records: list[dict[
              + (" (above the core count: other processes competed for the CPU, timings are pessimistic)."
                 if max(*load_before, *load_after) > (os.cpu_count() or 1) else " (a quiet machine)."),
              f"- Images {'x'.join(map(str, shape))} voxels at 1 mm. Dice and HD95 over the {len(EVAL_LABELS)} FreeSurfer "
-             "structures of `DinoRegistrationLib/data/synthesis.py` (EVAL_LABELS) present in both images, averaged per pair, then over pairs.",
+             "structures of `dinoreg/data/synthesis.py` (EVAL_LABELS) present in both images, averaged per pair, then over pairs.",
              "- seconds: one registration as a user runs it (affine + method + warping image and labels; the Jacobian "
              "map is computed but its time is excluded); ANTs: `ants.registration` + `apply_transforms` of the labels. "
              "Peak RAM: ru_maxrss of a fresh process per (method, pair), including Python, torch/ANTs and the loaded images.",

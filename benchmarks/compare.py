@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "DinoRegistration"))
 sys.path.insert(0, str(BENCH_DIR))
 
 import scorer  # noqa: E402
-from DinoRegistrationLib.data import synthesis as synthesize  # noqa: E402
+from dinoreg.data import synthesis as synthesize  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("DINOREG_BENCH_CACHE", "/tmp/dinoreg-benchmark")) / "compare"
 SHARED = synthesize.SHARED_DATA
@@ -92,7 +92,7 @@ def mne_subject(cache: Path) -> tuple[str, str]:
     image_path, labels_path = cache / "mne_t1.nii.gz", cache / "mne_labels.nii.gz"
     if image_path.exists() and labels_path.exists():
         return str(image_path), str(labels_path)
-    from DinoRegistrationLib.io import read_volume
+    from dinoreg.io.volumes import read_volume
 
     brain = read_volume(SHARED / "brain" / "mne_sample_brain.mgz", "MNE brain").to_sitk()
     aseg = read_volume(SHARED / "brain" / "mne_sample_aseg_3mm.mgz", "MNE aseg", is_image=False).to_sitk()
@@ -207,7 +207,7 @@ def make_pairs(cache: Path, quick: bool) -> list[Pair]:
 
 def our_methods() -> dict[str, str | None]:
     """Every registered engine method -> None if it can run here, else why not (new ones appear automatically)."""
-    from DinoRegistrationLib.methods.base import registry
+    from dinoreg.methods.base import registry
 
     methods = {}
     for name, cls in sorted(registry().items()):
@@ -505,7 +505,7 @@ def build_section(methods: dict[str, str | None], pairs: list[Pair], records: li
              f"- Load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in load_before)}, at end "
              f"{'/'.join(f'{v:.1f}' for v in load_after)} (on {os.cpu_count()} cores; above that, timings are pessimistic).",
              "- Scored by `benchmarks/scorer.py` from each method's exported ITK transform. Dice/HD95 over the "
-             "FreeSurfer structures of `DinoRegistrationLib.data.synthesis.EVAL_LABELS` present in both label maps; seconds = the registration "
+             "FreeSurfer structures of `dinoreg.data.synthesis.EVAL_LABELS` present in both label maps; seconds = the registration "
              "call only (file reading and imports excluded); peak RAM = VmHWM of the method's own process.", ""]
     for kind in ("real", "synthetic", "other"):
         if any(p.kind == kind for p in pairs):

@@ -1,8 +1,8 @@
 """Whole-process timing and Dice of ``dinoreg register`` on the real brain pair, for the learned targets.
 
-The real inter-subject pair (``DinoRegistrationLib/data/real_pairs.py``): the OASIS scan and the MNE
+The real inter-subject pair (``dinoreg/data/real_pairs.py``): the OASIS scan and the MNE
 sample subject (LIA, 160x192x224, 1 mm), in both directions, with their 31-structure label maps.
-Each (method, direction) runs ``python -m DinoRegistrationLib.cli register FIXED MOVING -o OUT
+Each (method, direction) runs ``python -m dinoreg.cli.main register FIXED MOVING -o OUT
 --method M [--preset P] --fixed-labels FL --moving-labels ML --quiet`` as a fresh process; the
 seconds are the whole process (start-up, reading, affine, method, writing every output); the Dice
 is ``report.json``'s ``labels.dice_mean_after``. Prints a Markdown table and the machine load.
@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DinoRegistration"))
 
-from DinoRegistrationLib.data import real_pairs, synthesis  # noqa: E402
+from dinoreg.data import real_pairs
+from dinoreg.data import synthesis  # noqa: E402
 
 
 def write_subjects(folder: Path) -> dict[str, tuple[Path, Path]]:
@@ -45,7 +46,7 @@ def write_subjects(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 def run_one(method: str, fixed: tuple[Path, Path], moving: tuple[Path, Path], out: Path, threads: int) -> tuple[float, float]:
     name, _, preset = method.partition("@")
-    command = [sys.executable, "-m", "DinoRegistrationLib.cli", "register", str(fixed[0]), str(moving[0]), "-o", str(out),
+    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(fixed[0]), str(moving[0]), "-o", str(out),
                "--method", name, "--fixed-labels", str(fixed[1]), "--moving-labels", str(moving[1]), "--quiet"]
     if preset:
         command += ["--preset", preset]

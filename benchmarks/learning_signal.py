@@ -39,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from DinoRegistrationLib.data.random_shapes import RandomShapeSettings, random_shape_pair
-    from DinoRegistrationLib.geometry import warp
-    from DinoRegistrationLib.losses import dice_loss, one_hot
-    from DinoRegistrationLib.losses.similarity import local_ncc_loss
-    from DinoRegistrationLib.networks import build_network
-    from DinoRegistrationLib.training.validation import mean_dice
+    from dinoreg.data.random_shapes import RandomShapeSettings, random_shape_pair
+    from dinoreg.core.geometry import warp
+    from dinoreg.losses import dice_loss, one_hot
+    from dinoreg.losses.similarity import local_ncc_loss
+    from dinoreg.networks import build_network
+    from dinoreg.training.validation import mean_dice
 
     device = torch.device(args.device)
     shape = (args.size,) * 3

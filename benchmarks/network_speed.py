@@ -39,13 +39,13 @@ BRAIN_2MM = (80, 96, 112)
 
 
 def random_dino(folder: Path) -> str:
-    from DinoRegistrationLib.features.dino.benchmark import random_vits14_reg4
+    from dinoreg.features.dino.benchmark import random_vits14_reg4
 
     return random_vits14_reg4(folder) if not (folder / "config.json").exists() else str(folder)
 
 
 def build(spec: str, dino: str):
-    from DinoRegistrationLib.networks import build_network
+    from dinoreg.networks import build_network
 
     name, _, backend = spec.partition("@")
     config = {"backend": backend} if backend else {}
@@ -88,9 +88,9 @@ def forward_seconds(network, device: torch.device, repeats: int) -> tuple[tuple[
 
 def whole_run(spec: str, dino: str, device: str, models: Path, preset: str | None) -> dict:
     """Stage seconds of ``register`` with a random-weight local model on the 1 mm brain scan."""
-    from DinoRegistrationLib.models import save_model
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
-    from DinoRegistrationLib.volume import Volume
+    from dinoreg.store import save_model
+    from dinoreg.app.pipeline import RegistrationOptions, register
+    from dinoreg.core.volume import Volume
 
     shared = Path(os.environ.get("DINOREG_SHARED_DATA", REPO.parent / "shared" / "data"))
     data = np.load(shared / "brain" / "test_scan.npz")

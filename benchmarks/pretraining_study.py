@@ -29,8 +29,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "DinoRegistration"))
 
-from DinoRegistrationLib.training.config import TrainingConfig, parse_config  # noqa: E402
-from DinoRegistrationLib.training.trainer import train  # noqa: E402
+from dinoreg.training.config import TrainingConfig, parse_config  # noqa: E402
+from dinoreg.training.trainer import train  # noqa: E402
 
 ARMS = ("scratch", "pretrained", "pretrained-2maps")
 

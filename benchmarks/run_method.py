@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_ours(name: str, fixed: str, moving: str, out: str, device: str) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "DinoRegistration"))
-    from DinoRegistrationLib.io import read_volume
-    from DinoRegistrationLib.itk_files import write_transform
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+    from dinoreg.io.volumes import read_volume
+    from dinoreg.core.itk_files import write_transform
+    from dinoreg.app.pipeline import RegistrationOptions, register
 
     method, _, preset = name.partition("@")
     fixed_volume, moving_volume = read_volume(fixed, "fixed image"), read_volume(moving, "moving image")

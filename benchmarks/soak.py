@@ -45,9 +45,9 @@ def main() -> int:
 
     import torch
 
-    from DinoRegistrationLib.io import read_volume
-    from DinoRegistrationLib.outputs import write_outputs
-    from DinoRegistrationLib.pipeline import RegistrationOptions, register
+    from dinoreg.io.volumes import read_volume
+    from dinoreg.app.outputs import write_outputs
+    from dinoreg.app.pipeline import RegistrationOptions, register
 
     demo = REPO / "Resources" / "Demo"
     fixed, moving = read_volume(demo / "MRBrainTumor1.nii.gz"), read_volume(demo / "MRBrainTumor2.nii.gz")

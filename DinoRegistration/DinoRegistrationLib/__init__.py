@@ -1,14 +1,14 @@
-"""DinoRegistration engine: deformable registration of 3D volumes with foundation-model features.
+"""Slicer side of DinoRegistration: everything between the panel and the engine, GUI-free.
 
-Pure Python (torch, SimpleITK, numpy); imports no Slicer, Qt or VTK. Public entry points:
-``register`` (pipeline), ``read_volume`` / ``write_volume`` (io), ``Transform`` (transforms).
-Heavy modules are imported lazily so ``import DinoRegistrationLib`` stays cheap.
+- ``process``: a background command whose output is polled from the main thread;
+- ``job``: one registration running in the background (options, result, errors);
+- ``logic``: scene <-> engine (export inputs, load results, comparison views, landmark check);
+- ``scene``: results as MRML nodes (shared with ``dinoreg register --scene``);
+- ``landmarks``: markups point lists -> distances before and after registration;
+- ``install``: the engine's packages in Slicer's Python;
+- ``parameters``: the panel's parameter node declarations.
+
+Uses Slicer's MRML (inside Slicer or headless with ``slicer-core``), never Qt: the module file
+``DinoRegistration.py`` holds the panel. The engine (``dinoreg``) is only run as a
+separate process, except its light modules (progress protocol, requirements, landmark maths).
 """
-
-import os
-
-# Passive OpenMP waiting, set before torch is imported: with the default spin-waiting, every small
-# torch operation crawls (3-30x measured) when the CPU is shared with other work, e.g. inside Slicer.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-__version__ = "0.1.0"

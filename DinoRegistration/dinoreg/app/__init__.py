@@ -1,0 +1,1 @@
+"""One registration from files to files: input checks, the pipeline, the output folder, batches."""

@@ -1,0 +1,1 @@
+"""The ``dinoreg`` command and its subcommands (thin: parse, call the app layer, print)."""

@@ -1,0 +1,109 @@
+"""``dinoreg models list|download|verify|clear`` and the per-method fields of ``dinoreg methods --json``.
+
+Kept out of ``cli.py`` so the main CLI stays thin: it calls :func:`add_models_command` with its
+sub-parsers and merges :func:`method_listing` into each row of the methods listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from dinoreg.errors import InputError
+
+
+def method_listing(method: Any) -> dict[str, Any]:
+    """``kind``, ``label``, ``rank`` of any method; plus ``weights`` and ``card`` for learned ones.
+
+    ``weights``: ``{source: shipped|download|local, present, path, sha256}``; ``card``: one line
+    (architecture, features, training data, resolution, validation Dice).
+    """
+    row: dict[str, Any] = {"kind": method.kind, "label": method.label or method.name, "rank": int(method.rank)}
+    info = getattr(method, "model_info", None)
+    if info is not None:
+        from dinoreg.store import card_summary
+
+        row["weights"] = {"source": info.source, "present": info.present, "path": str(info.weights_path),
+                          "sha256": info.sha256}
+        card = method.card()
+        row["card"] = card_summary(card) if card else "model card not installed"
+    return row
+
+
+def add_models_command(sub: Any) -> None:
+    """Add ``dinoreg models`` with its actions to the main parser's sub-parsers."""
+    models = sub.add_parser("models", help="list, download, verify or clear trained registration models",
+                            description="Trained registration models: shipped with dinoreg, downloadable (checked "
+                                        "against SHA-256) or local (in $DINOREG_MODELS_DIR, default "
+                                        "~/.cache/dinoreg/models).")
+    actions = models.add_subparsers(dest="models_action", metavar="ACTION")
+    actions.required = True
+    listing = actions.add_parser("list", help="every known model, its source, whether present, and its card")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=list_handler)
+    download = actions.add_parser("download", help="fetch a model into the models folder (needs internet)")
+    download.add_argument("names", nargs="+", help="model names (see 'dinoreg models list')")
+    download.set_defaults(func=download_handler)
+    verify = actions.add_parser("verify", help="check hashes and cards, load and run each model once")
+    verify.add_argument("models", nargs="*", help="names or model files (default: every present model)")
+    verify.set_defaults(func=verify_handler)
+    clear = actions.add_parser("clear", help="delete downloaded models (shipped ones stay)")
+    clear.add_argument("--local", action="store_true", help="also delete local models in the models folder")
+    clear.set_defaults(func=clear_handler)
+
+
+def list_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import card_summary, list_models, models_dir, read_card
+
+    rows = []
+    for info in list_models():
+        row = info.as_json()
+        try:
+            row["card"] = card_summary(read_card(info.card_path)) if info.card_path.is_file() else None
+        except InputError as error:
+            row["card"] = f"unreadable card: {error}"
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no trained models known (local models go in {models_dir()})")
+    for row in rows:
+        state = "present" if row["present"] else "not installed"
+        print(f"{row['name']:<28} {row['source']:<9} {state}\n{'':<28} {row['card'] or row['architecture']}")
+    return 0
+
+
+def download_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import download_model
+
+    for name in args.names:
+        print(f"{name}: {download_model(name)}")
+    return 0
+
+
+def verify_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import list_models, verify_model
+
+    targets = args.models or [info.name for info in list_models() if info.present]
+    if not targets:
+        print("no models to verify")
+        return 0
+    failed = 0
+    for target in targets:
+        try:
+            print(verify_model(target))
+        except InputError as error:
+            failed += 1
+            print(f"{target}: FAILED: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def clear_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import clear_models
+
+    removed = clear_models(include_local=args.local)
+    print(f"deleted {len(removed)} file(s)" + "".join(f"\n  {path}" for path in removed))
+    return 0

@@ -1,0 +1,201 @@
+"""Affine pre-alignment with SimpleITK's registration framework.
+
+Moments (centre of mass + principal axes) initialisation, then rigid, then affine, each
+multi-resolution, with Mattes mutual information so that different contrasts (T1/T2, MR/CT) align.
+The result maps FIXED points to MOVING points (LPS mm), like every transform in this engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from dinoreg.errors import RegistrationFailed
+from dinoreg.core.itk_files import sitk_part_to_step
+from dinoreg.progress import Progress
+from dinoreg.core.transforms import AffineMap, Transform
+from dinoreg.core.volume import Volume
+
+
+@dataclass
+class AffineSettings:
+    """Parameters of the affine stage (lengths in mm, iterations per resolution level)."""
+
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas_mm: tuple[float, ...] = (6.0, 3.0, 0.0)
+    rigid_iterations: int = 60
+    affine_iterations: int = 60
+    histogram_bins: int = 32
+    sampling_fraction: float = 0.1
+    #: images are smoothed and resampled to no finer than this first (3 mm: as accurate as 2 mm on
+    #: brains within 0.1 mm of translation, 2.5x faster); finer deformable stages follow anyway
+    working_spacing_mm: float = 3.0
+    min_overlap_fraction: float = 0.05
+    seed: int = 42
+
+
+def to_float_image(volume: Volume, working_spacing_mm: float) -> sitk.Image:
+    """Float32 SimpleITK image, smoothed and resampled to no finer than ``working_spacing_mm``."""
+    image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    spacing = np.maximum(volume.grid.spacing, working_spacing_mm)
+    if np.allclose(spacing, volume.grid.spacing):
+        return image
+    grid = volume.grid.with_spacing(spacing)
+    sigma = np.sqrt(np.maximum(grid.spacing ** 2 - volume.grid.spacing ** 2, 0.0)) / 2.355
+    smoothed = sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
+    return sitk.Resample(smoothed, grid.to_sitk_reference(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def to_mask_image(mask: Volume | None, reference: sitk.Image) -> sitk.Image | None:
+    if mask is None:
+        return None
+    return sitk.Resample(sitk.Cast(mask.to_sitk(), sitk.sitkUInt8), reference, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def moments_initialisation(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
+    """Centre-of-mass alignment (geometry-centre fallback when moments are degenerate), as an
+    ``Euler3DTransform`` (some SimpleITK versions return the generic ``Transform`` base class)."""
+    try:
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
+    except RuntimeError:
+        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    return sitk.Euler3DTransform(initial.Downcast() if hasattr(initial, "Downcast") else initial)
+
+
+def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """Fraction of fixed foreground voxels that map inside the moving image's box."""
+    array = sitk.GetArrayViewFromImage(fixed)
+    threshold = np.percentile(array, 50)
+    k, j, i = np.nonzero(array > threshold)
+    step = max(1, len(k) // 5000)
+    points = [fixed.TransformContinuousIndexToPhysicalPoint((float(a), float(b), float(c)))
+              for a, b, c in zip(i[::step], j[::step], k[::step])]
+    size = np.array(moving.GetSize())
+    inside = 0
+    for point in points:
+        index = np.array(moving.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(point)))
+        inside += bool(np.all(index >= -0.5) and np.all(index <= size - 0.5))
+    return inside / max(1, len(points))
+
+
+def metric_method(settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None]) -> sitk.ImageRegistrationMethod:
+    """A registration method with the Mattes-MI metric of the affine stage.
+
+    One thread: ITK's multi-threaded metric sums its per-thread histograms in an order that
+    varies between runs, so identical inputs gave slightly different transforms (NCC differing
+    in the third decimal). At the affine stage's 3 mm working resolution one thread costs about
+    the same CPU time and makes the result reproducible.
+    """
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(1)
+    method.SetMetricAsMattesMutualInformation(settings.histogram_bins)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    if masks[0] is not None:
+        method.SetMetricFixedMask(masks[0])
+    if masks[1] is not None:
+        method.SetMetricMovingMask(masks[1])
+    method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def metric_value(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, settings: AffineSettings,
+                 masks: tuple[sitk.Image | None, sitk.Image | None]) -> float:
+    """Mattes MI (negative: lower is better) of ``transform`` at full working resolution."""
+    method = metric_method(settings, masks)
+    method.SetInitialTransform(transform, inPlace=False)
+    return float(method.MetricEvaluate(fixed, moving))
+
+
+def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, iterations: int,
+              settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None],
+              progress: Progress, stage_span: tuple[float, float]) -> sitk.Transform:
+    """One multi-resolution Mattes-MI optimisation of ``transform`` (updated in place and returned)."""
+    method = metric_method(settings, masks)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(list(settings.shrink_factors))
+    method.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas_mm))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(transform, inPlace=True)
+    levels = len(settings.shrink_factors)
+    counter = {"iterations": 0}
+
+    def on_iteration() -> None:
+        counter["iterations"] += 1
+        done = min(1.0, counter["iterations"] / (iterations * levels))
+        progress.update(stage_span[0] + (stage_span[1] - stage_span[0]) * done, check=False)
+        if progress.cancel_event.is_set():
+            method.StopRegistration()
+
+    method.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    try:
+        method.Execute(fixed, moving)
+    except RuntimeError as error:
+        message = str(error)
+        if "outside" in message.lower() or "too many samples" in message.lower() or "no valid" in message.lower():
+            raise RegistrationFailed("fixed and moving do not overlap during affine alignment: check that both "
+                                     "images show the same anatomy, or turn the affine stage off if they are pre-aligned") from None
+        raise
+    progress.check()
+    return transform
+
+
+def affine_registration(fixed: Volume, moving: Volume, progress: Progress, settings: AffineSettings | None = None,
+                        fixed_mask: Volume | None = None, moving_mask: Volume | None = None,
+                        rigid_only: bool = False) -> Transform:
+    """Rigid then affine alignment; returns ``Transform([AffineMap])`` (fixed -> moving, LPS mm).
+
+    The optimisation runs with ITK's global default of one thread (restored afterwards): the
+    registration method's own thread setting does not reach every filter of its pyramid and metric,
+    and with more threads identical inputs gave transforms differing by up to 2e-3 (measured on the
+    demo pair). The smoothing and resampling before it are deterministic and keep every thread.
+    """
+    settings = settings or AffineSettings()
+    fixed_image = to_float_image(fixed, settings.working_spacing_mm)
+    moving_image = to_float_image(moving, settings.working_spacing_mm)
+    masks = (to_mask_image(fixed_mask, fixed_image), to_mask_image(moving_mask, moving_image))
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return affine_registration_single_thread(fixed_image, moving_image, masks, progress, settings, rigid_only)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def affine_registration_single_thread(fixed_image: sitk.Image, moving_image: sitk.Image,
+                                      masks: tuple[sitk.Image | None, sitk.Image | None], progress: Progress,
+                                      settings: AffineSettings, rigid_only: bool) -> Transform:
+    """The optimisation of :func:`affine_registration` on its prepared images, under ITK's one-thread default."""
+    rigid = moments_initialisation(fixed_image, moving_image)
+    initial = sitk.Euler3DTransform(rigid)
+    if overlap_fraction(fixed_image, moving_image, rigid) < settings.min_overlap_fraction:
+        raise RegistrationFailed("fixed and moving do not overlap after initialisation: check that both images show "
+                                 "the same anatomy and have correct headers (origin, direction)")
+    rigid = run_stage(fixed_image, moving_image, rigid, settings.rigid_iterations, settings, masks, progress, (0.0, 0.5))
+    if rigid_only:
+        if metric_value(fixed_image, moving_image, initial, settings, masks) <= metric_value(fixed_image, moving_image, rigid,
+                                                                                             settings, masks):
+            rigid = initial
+        return Transform([sitk_part_to_step(rigid)])
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    affine = run_stage(fixed_image, moving_image, affine, settings.affine_iterations, settings, masks, progress, (0.5, 1.0))
+    # The optimiser's first, full-size steps leave the optimum when the start is already there
+    # (a volume registered to itself); keep the start when the result is not better than it.
+    if metric_value(fixed_image, moving_image, initial, settings, masks) <= metric_value(fixed_image, moving_image, affine,
+                                                                                         settings, masks):
+        affine = initial
+    step = sitk_part_to_step(affine)
+    if not isinstance(step, AffineMap) or np.linalg.det(step.matrix) <= 0.05:
+        raise RegistrationFailed("affine alignment collapsed (near-zero or negative determinant): check the inputs' "
+                                 "orientation headers, or use --fixed-mask/--moving-mask to focus on the anatomy")
+    return Transform([step])

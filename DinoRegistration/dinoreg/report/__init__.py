@@ -1,0 +1,1 @@
+"""What a registration is judged by: metrics, the preview image, evaluation of finished registrations."""

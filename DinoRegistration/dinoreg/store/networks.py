@@ -1,0 +1,192 @@
+"""Which trained models exist, where their files are, and fetching/checking/clearing them.
+
+Three sources:
+- ``shipped``: listed in ``registry.json`` next to this file, files in ``models/shipped/`` (in the
+  repository and the wheel: available on a fresh clone with no download);
+- ``download``: listed in ``registry.json`` with ``url`` (the .safetensors), ``card_url`` (the .json),
+  ``sha256`` and ``size``; fetched into :func:`models_dir` by :func:`download_model`;
+- ``local``: any other ``<name>.json`` + weights found in :func:`models_dir` (e.g. saved by
+  ``dinoreg train`` or copied there by hand).
+
+Cheap: no torch import, no network except in :func:`download_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dinoreg.errors import InputError
+
+REGISTRY_FILE = Path(__file__).with_name("networks.json")
+SHIPPED_DIR = Path(__file__).with_name("shipped")
+
+
+def models_dir() -> Path:
+    """Downloaded and local models: ``$DINOREG_MODELS_DIR``, else ``<$DINOREG_CACHE or ~/.cache/dinoreg>/models``."""
+    if os.environ.get("DINOREG_MODELS_DIR"):
+        return Path(os.environ["DINOREG_MODELS_DIR"]).expanduser()
+    return Path(os.environ.get("DINOREG_CACHE") or "~/.cache/dinoreg").expanduser() / "models"
+
+
+@dataclass
+class ModelInfo:
+    """One model the engine knows: where its files are and whether they are present."""
+
+    name: str
+    architecture: str
+    source: str  # shipped | download | local
+    weights_path: Path
+    card_path: Path
+    sha256: str | None = None
+    size: int | None = None
+    url: str | None = None
+    card_url: str | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.weights_path.is_file() and self.card_path.is_file()
+
+    @property
+    def fix(self) -> str:
+        """What to do when the files are missing or damaged."""
+        if self.source == "download":
+            return f"run 'dinoreg models download {self.name}'"
+        if self.source == "shipped":
+            return "restore the file from the repository (git checkout -- DinoRegistration/dinoreg/store/shipped)"
+        return f"save or copy the model '{self.name}' into {self.card_path.parent} again"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "architecture": self.architecture, "source": self.source, "present": self.present,
+                "path": str(self.weights_path), "sha256": self.sha256, "size": self.size, "url": self.url}
+
+
+def _registry_entries() -> list[dict[str, Any]]:
+    try:
+        data = json.loads(REGISTRY_FILE.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"the model registry '{REGISTRY_FILE}' is unreadable ({error}): reinstall dinoreg") from None
+    return list(data.get("models", []))
+
+
+def list_models() -> list[ModelInfo]:
+    """Every known model: registry entries (shipped, download) first, then local models."""
+    infos: list[ModelInfo] = []
+    for entry in _registry_entries():
+        name, source = str(entry["name"]), str(entry.get("source", "download"))
+        folder = SHIPPED_DIR if source == "shipped" else models_dir()
+        infos.append(ModelInfo(name, str(entry.get("architecture", "?")), source, folder / f"{name}.safetensors",
+                               folder / f"{name}.json", entry.get("sha256"), entry.get("size"), entry.get("url"),
+                               entry.get("card_url")))
+    known = {info.name for info in infos}
+    folder = models_dir()
+    if folder.is_dir():
+        for card_path in sorted(folder.glob("*.json")):
+            name = card_path.stem
+            if name in known:
+                continue
+            try:
+                card = json.loads(card_path.read_text())
+            except (OSError, ValueError):
+                card = {}
+            weights = next((card_path.with_suffix(s) for s in (".safetensors", ".pth", ".pt")
+                            if card_path.with_suffix(s).exists()), card_path.with_suffix(".safetensors"))
+            infos.append(ModelInfo(name, str(card.get("architecture", "?")), "local", weights, card_path,
+                                   card.get("weights_sha256"), card.get("weights_bytes")))
+    return infos
+
+
+def find_model(name: str) -> ModelInfo | None:
+    """The model called ``name``, or None."""
+    return next((info for info in list_models() if info.name == name), None)
+
+
+def download_model(name: str, progress: Any = None) -> Path:
+    """Fetch a ``download`` model into :func:`models_dir`, checked against its SHA-256; returns the card path.
+
+    The files appear complete or not at all (temporary names, checked, then renamed).
+    """
+    from dinoreg.store.checkpoints import sha256_of
+
+    info = find_model(name)
+    if info is None:
+        raise InputError(f"unknown model '{name}': 'dinoreg models list' shows the known ones")
+    if info.source != "download":
+        return info.card_path
+    if not info.url or not info.card_url or not info.sha256:
+        raise InputError(f"model '{name}' has no url, card_url or sha256 in the registry: update dinoreg")
+    info.weights_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_tmp, card_tmp = _fetch(info.url, info.weights_path), _fetch(info.card_url, info.card_path)
+    try:
+        actual = sha256_of(weights_tmp)
+        if actual != info.sha256:
+            raise InputError(f"download of '{name}' from {info.url} has SHA-256 {actual[:12]}... instead of "
+                             f"{info.sha256[:12]}...: retry later, or report the mismatch")
+        os.replace(weights_tmp, info.weights_path)
+        os.replace(card_tmp, info.card_path)
+    finally:
+        for leftover in (weights_tmp, card_tmp):
+            if leftover.exists():
+                leftover.unlink()
+    return info.card_path
+
+
+def _fetch(url: str, target: Path) -> Path:
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=str(target.parent))
+    os.close(handle)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(name, "wb") as out:
+            shutil.copyfileobj(response, out, 2 ** 20)
+    except OSError as error:
+        Path(name).unlink(missing_ok=True)
+        raise InputError(f"cannot download {url} ({error}): check the internet connection and retry") from None
+    return Path(name)
+
+
+def verify_model(name_or_path: str) -> str:
+    """Load a model (hash, card and architecture checked) and run a tiny forward; returns a one-line report."""
+    import torch
+
+    from dinoreg.store.cards import card_summary
+    from dinoreg.store.checkpoints import load_model
+
+    network, card = load_model(name_or_path)
+    multiple = int(network.shape_multiple)
+    side = multiple * max(1, -(-8 // multiple))  # the smallest multiple of the shape rule >= 8 voxels
+    with torch.no_grad():
+        field = network(torch.zeros((1, 1, side, side, side)), torch.zeros((1, 1, side, side, side)))
+    if not bool(torch.isfinite(field).all()):
+        raise InputError(f"model '{name_or_path}' produced non-finite values: its weights are damaged")
+    return f"{card['name']}: ok ({card_summary(card)})"
+
+
+def clear_models(include_local: bool = False) -> list[Path]:
+    """Delete downloaded models (and local ones with ``include_local``); shipped ones stay. Returns deleted files."""
+    removed = []
+    for info in list_models():
+        if info.source == "download" or (include_local and info.source == "local"):
+            for path in (info.weights_path, info.card_path):
+                if path.exists():
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def registry_entry(card_path: str | Path, source: str = "shipped", url: str | None = None,
+                   card_url: str | None = None) -> dict[str, Any]:
+    """The ``registry.json`` entry of a saved model (to paste into the registry when shipping it)."""
+    from dinoreg.store.checkpoints import read_card, sha256_of, stem_paths
+
+    weights, card_file = stem_paths(card_path)
+    card = read_card(card_file)
+    entry = {"name": card["name"], "architecture": card["architecture"], "source": source,
+             "sha256": sha256_of(weights), "size": weights.stat().st_size}
+    if source == "download":
+        entry.update({"url": url, "card_url": card_url})
+    return entry
