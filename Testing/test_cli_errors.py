@@ -139,7 +139,7 @@ def test_unknown_method_and_bad_param(capsys, tmp_path, good_pair):
 
 def test_console_script_reports_error_without_traceback(tmp_path):
     """The real ``dinoreg`` entry point (a subprocess), as users and the Slicer module run it."""
-    result = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", str(tmp_path / "x.nii.gz"),
+    result = subprocess.run([sys.executable, "-m", "dinoreg", "register", str(tmp_path / "x.nii.gz"),
                              str(DEMO / "MRBrainTumor2.nii.gz"), "-o", str(tmp_path / "out"), "--progress-json"],
                             capture_output=True, text=True, cwd=REPO / "DinoRegistration")
     assert result.returncode == 2

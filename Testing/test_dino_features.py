@@ -26,7 +26,7 @@ from dinoreg.features.dino import backbones
 from dinoreg.features.dino import slicewise
 from dinoreg.store import backbones as weights
 from dinoreg.features.dino.intensity import looks_like_ct, normalise_intensity
-from dinoreg.store.meta_checkpoint import convert_meta_state_dict
+from dinoreg.features.dino.meta_checkpoint import convert_meta_state_dict
 from dinoreg.features.dino.pca import JointPCA
 from dinoreg.cli.weights import add_weights_subcommand
 from dinoreg.progress import Progress

@@ -13,7 +13,8 @@ import torch
 from conftest import DEMO
 from dinoreg.cli.main import main
 from dinoreg.errors import InputError
-from dinoreg.store import load_model, save_model
+from dinoreg.networks.loading import load_model
+from dinoreg.store import save_model
 from dinoreg.networks import build_network
 from networks_helpers import TINY_CONFIGS, tiny_dino_folder, tiny_network_spec
 from test_pipeline import sitk_resample_matches_warped
@@ -290,7 +291,8 @@ def test_shipped_and_downloaded_models(models_folder, monkeypatch, tmp_path, cap
 
 def test_models_shipped_in_the_repository_verify():
     """Every model listed as shipped in the real registry is present and passes its hash and a forward."""
-    from dinoreg.store import list_models, verify_model
+    from dinoreg.networks.loading import verify_model
+    from dinoreg.store import list_models
 
     shipped = [info for info in list_models() if info.source == "shipped"]
     if not shipped:

@@ -66,7 +66,7 @@ def test_interrupted_writing_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def cli_process(outdir: Path, *extra: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(FIXED), str(MOVING), "-o", str(outdir),
+    command = [sys.executable, "-m", "dinoreg", "register", str(FIXED), str(MOVING), "-o", str(outdir),
                "--method", "mind-zeroshot", "--progress-json", "--device", "cpu", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO / "DinoRegistration"), OMP_NUM_THREADS="1")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)

@@ -142,7 +142,7 @@ def test_cli_reports_landmark_distances_in_report_json(tmp_path):
     ras = np.array([-1.0, -1.0, 1.0])
     write_fcsv(tmp_path / "F.fcsv", centres_lps * ras, ["a", "b", "c", "d"])
     write_fcsv(tmp_path / "M.fcsv", ((centres_lps + shift_lps) * ras)[::-1], ["d", "c", "b", "a"])
-    out = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", str(tmp_path / "fixed.nii.gz"),
+    out = subprocess.run([sys.executable, "-m", "dinoreg", "register", str(tmp_path / "fixed.nii.gz"),
                           str(tmp_path / "moving.nii.gz"), "-o", str(tmp_path / "out"), "--method", "affine",
                           "--device", "cpu", "--no-jacobian", "--quiet", "--fixed-landmarks", str(tmp_path / "F.fcsv"),
                           "--moving-landmarks", str(tmp_path / "M.fcsv")],
@@ -158,7 +158,7 @@ def test_cli_reports_landmark_distances_in_report_json(tmp_path):
 def test_cli_refuses_unpaired_landmarks_before_registering(tmp_path):
     write_fcsv(tmp_path / "F.fcsv", FIXED_POINTS, ["", "", "", ""])
     write_fcsv(tmp_path / "M.fcsv", FIXED_POINTS[:3], ["", "", ""])
-    out = subprocess.run([sys.executable, "-m", "dinoreg.cli.main", "register", "f.nii.gz", "m.nii.gz", "-o",
+    out = subprocess.run([sys.executable, "-m", "dinoreg", "register", "f.nii.gz", "m.nii.gz", "-o",
                           str(tmp_path / "out"), "--fixed-landmarks", str(tmp_path / "F.fcsv")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "DinoRegistration")})

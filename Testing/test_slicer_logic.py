@@ -1,7 +1,7 @@
 """The Slicer module's Logic on a real MRML scene (headless, with the ``slicer-core`` package).
 
 The engine runs as in Slicer: its command line in a background process (``sys.executable -m
-dinoreg.cli.main``). Where a test needs an engine that is slow or crashes on purpose, a stand-in
+dinoreg``). Where a test needs an engine that is slow or crashes on purpose, a stand-in
 package is put first on the engine's PYTHONPATH. Skipped when slicer-core is not installed.
 """
 
@@ -179,7 +179,7 @@ def fake_engine(tmp_path, monkeypatch):
     package = tmp_path / "fake" / "dinoreg"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "cli.py").write_text(textwrap.dedent(FAKE_CLI))
+    (package / "__main__.py").write_text(textwrap.dedent(FAKE_CLI))
     logic = DinoRegistrationLogic(pythonExecutable=sys.executable, engineDirectory=str(package.parent))
     return logic, lambda mode: monkeypatch.setenv("FAKE_ENGINE_MODE", mode)
 
@@ -516,7 +516,7 @@ def test_registration_command_line_follows_the_options(logic):
                      "--param iterations=50", "--no-affine", "--no-inverse", "--fixed-mask fm.nrrd"):
         assert expected in joined
     assert "--no-jacobian" not in joined and "--moving-mask" not in joined
-    assert logic.engineCommand("methods")[:3] == [sys.executable, "-m", "dinoreg.cli.main"]
+    assert logic.engineCommand("methods")[:3] == [sys.executable, "-m", "dinoreg"]
     assert logic.engineEnvironment()["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
 
 

@@ -23,7 +23,7 @@ ENV = {**os.environ, "PYTHONPATH": str(MODULE_DIR)}
 
 
 def cli(*args: str, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinoreg.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dinoreg", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or ENV)
 
 

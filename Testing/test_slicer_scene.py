@@ -49,7 +49,7 @@ def bundle(tmp_path_factory):
     fixed = write_blob_image(folder / "fixed.nii.gz", (0.0, 0.0, 0.0), rotation_z(15))
     moving = write_blob_image(folder / "moving.nii.gz", (3.0, -2.0, 2.0), rotation_z(-10))
     mrb = folder / "result.mrb"
-    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(fixed), str(moving), "-o",
+    command = [sys.executable, "-m", "dinoreg", "register", str(fixed), str(moving), "-o",
                str(folder / "out"), "--method", "affine", "--device", "cpu", "--quiet", "--scene", str(mrb)]
     done = subprocess.run(command, cwd=MODULE_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

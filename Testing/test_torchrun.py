@@ -37,7 +37,7 @@ def test_two_process_ddp_training_agrees(tmp_path):
     (tmp_path / "tiny.toml").write_text(CONFIG)
     env = dict(os.environ, PYTHONPATH=str(REPO / "DinoRegistration"), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               "-m", "dinoreg.cli.main", "train", "--config", str(tmp_path / "tiny.toml"),
+               "-m", "dinoreg", "train", "--config", str(tmp_path / "tiny.toml"),
                "--output", str(tmp_path / "run"), "--quiet"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -69,7 +69,7 @@ def held_out_loss(network, config) -> float:
 
 
 def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
-    from dinoreg.training.export import read_model_weights
+    from dinoreg.store import read_model_files
     from dinoreg.training.networks import build_training_network
     from dinoreg.training.trainer import train
 
@@ -78,7 +78,7 @@ def test_short_training_lowers_the_loss_and_exports_a_model(tmp_path):
     untrained = build_training_network("unet", config.network.config)
     path = train(config, tmp_path / "run", progress_bar=False)
     trained = build_training_network("unet", config.network.config)
-    trained.load_state_dict(read_model_weights(str(path)))
+    trained.load_state_dict(read_model_files(str(path))[0])
     before, after = held_out_loss(untrained, config), held_out_loss(trained, config)
     assert after < before - 0.02, (before, after)
     card = json.loads(path.with_suffix(".json").read_text())
@@ -194,8 +194,8 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     import dinoreg.data.sources as sources
     from dinoreg.data.brain_pairs import normalise_foreground
     from dinoreg.core.geometry import warp
-    from dinoreg.store import load_model
-    from dinoreg.training.export import read_model_weights
+    from dinoreg.networks.loading import load_model
+    from dinoreg.store import read_model_files
     from dinoreg.training.networks import build_training_network
     from dinoreg.training.trainer import train
     from dinoreg.training.validation import mean_dice
@@ -215,7 +215,7 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     assert val[40] > val[0] + 0.03, val
 
     network = build_training_network("unet", raw["network"]["config"])
-    network.load_state_dict(read_model_weights(str(path)))
+    network.load_state_dict(read_model_files(str(path))[0])
     network.eval()
     exported, _ = load_model(path)  # what `dinoreg register --method <model.json>` loads
     p = source.pair

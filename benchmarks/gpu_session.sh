@@ -43,7 +43,7 @@ echo "== CUDA tests"
 "$PYTHON" -m pytest -q -p no:cacheprovider Testing/test_geometry.py -k "cuda or warp or integrate or grid_sample" 2>&1 | tail -3
 
 echo "== mind-zeroshot on the demo pair, device auto (the GPU when there is one)"
-/usr/bin/time -f "whole process %e s, peak RSS %M KB" "$PYTHON" -m dinoreg.cli.main register \
+/usr/bin/time -f "whole process %e s, peak RSS %M KB" "$PYTHON" -m dinoreg register \
   Resources/Demo/MRBrainTumor1.nii.gz Resources/Demo/MRBrainTumor2.nii.gz -o /tmp/gpu-demo --quiet
 "$PYTHON" -c "import json; r = json.load(open('/tmp/gpu-demo/report.json')); print(r['device'], r['seconds_per_stage'], 'total', r['seconds_total'], 's; NCC', r['similarity_before']['ncc'], '->', r['similarity_after']['ncc'], '; GPU MB', r['peak_gpu_mb'])"
 
@@ -52,7 +52,7 @@ echo "== network forward passes"
 
 echo "== training for $TRAIN_SECONDS s"
 rm -rf /tmp/gpu-run
-timeout -s TERM "$TRAIN_SECONDS" "$PYTHON" -m dinoreg.cli.main train --config configs/unet-synthseg-gpu.toml \
+timeout -s TERM "$TRAIN_SECONDS" "$PYTHON" -m dinoreg train --config configs/unet-synthseg-gpu.toml \
   --output /tmp/gpu-run --quiet
 tail -3 /tmp/gpu-run/log.csv 2>/dev/null
 grep "val/dice," /tmp/gpu-run/log.csv 2>/dev/null

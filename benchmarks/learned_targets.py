@@ -2,7 +2,7 @@
 
 The real inter-subject pair (``dinoreg/data/real_pairs.py``): the OASIS scan and the MNE
 sample subject (LIA, 160x192x224, 1 mm), in both directions, with their 31-structure label maps.
-Each (method, direction) runs ``python -m dinoreg.cli.main register FIXED MOVING -o OUT
+Each (method, direction) runs ``python -m dinoreg register FIXED MOVING -o OUT
 --method M [--preset P] --fixed-labels FL --moving-labels ML --quiet`` as a fresh process; the
 seconds are the whole process (start-up, reading, affine, method, writing every output); the Dice
 is ``report.json``'s ``labels.dice_mean_after``. Prints a Markdown table and the machine load.
@@ -46,7 +46,7 @@ def write_subjects(folder: Path) -> dict[str, tuple[Path, Path]]:
 
 def run_one(method: str, fixed: tuple[Path, Path], moving: tuple[Path, Path], out: Path, threads: int) -> tuple[float, float]:
     name, _, preset = method.partition("@")
-    command = [sys.executable, "-m", "dinoreg.cli.main", "register", str(fixed[0]), str(moving[0]), "-o", str(out),
+    command = [sys.executable, "-m", "dinoreg", "register", str(fixed[0]), str(moving[0]), "-o", str(out),
                "--method", name, "--fixed-labels", str(fixed[1]), "--moving-labels", str(moving[1]), "--quiet"]
     if preset:
         command += ["--preset", preset]

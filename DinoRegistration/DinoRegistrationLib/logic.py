@@ -31,7 +31,7 @@ except ImportError:
 
 #: the folder holding dinoreg (and this package): the module's folder
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENGINE_MODULE = "dinoreg.cli.main"
+ENGINE_MODULE = "dinoreg"
 DEMO_FILES = ("MRBrainTumor1.nii.gz", "MRBrainTumor2.nii.gz")
 
 
@@ -74,7 +74,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         return env
 
     def startEngine(self, *arguments: str) -> EngineProcess:
-        """Run ``python -m dinoreg.cli.main arguments...`` in the background."""
+        """Run ``python -m dinoreg arguments...`` in the background."""
         return EngineProcess(self.engineCommand(*arguments), self.engineEnvironment()).start()
 
     def startProbe(self) -> EngineProcess:

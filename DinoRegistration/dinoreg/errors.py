@@ -13,3 +13,10 @@ class RegistrationFailed(Exception):
 
 class Cancelled(Exception):
     """The user cancelled the run; nothing was written."""
+
+
+def one_line(error: BaseException, limit: int = 240) -> str:
+    """First line of an exception's message, shortened, prefixed by its type."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

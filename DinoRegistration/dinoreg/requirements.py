@@ -8,6 +8,7 @@ only: this is imported where the engine's packages may be missing.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 #: import name -> pip requirement (distribution name and minimum version)
@@ -101,3 +102,11 @@ def check_requirements(version_of: Callable[[str], Optional[str]] = installed_ve
             outdated.append(f"{name} {version} (needs >={minimum})")
             install.append(requirement)
     return {"missing": missing, "outdated": outdated, "install": install}
+
+
+@dataclass
+class Availability:
+    """Whether a method can run on this machine, and if not, why and how to enable it."""
+
+    ok: bool
+    reason: str = ""

@@ -41,7 +41,7 @@ def default_workers() -> int:
 
 def command_batch(args: argparse.Namespace) -> int:
     from dinoreg.app.batch import BatchSettings, read_pairs, run_batch
-    from dinoreg.cli.main import parse_params
+    from dinoreg.cli.arguments import parse_params
     from dinoreg.errors import InputError
 
     if args.workers < 1:

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dinoreg.cli.arguments import parse_params
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 
 DEMO_FILES = ("MRBrainTumor1.nii.gz", "MRBrainTumor2.nii.gz")
@@ -160,16 +161,6 @@ def add_weights_command(sub: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- register
 
-def parse_params(pairs: list[str]) -> dict[str, str]:
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--param '{pair}' is not KEY=VALUE: write e.g. --param regularisation=2.0")
-        params[key.strip()] = value.strip()
-    return params
-
-
 def command_register(args: argparse.Namespace) -> int:
     return run_registration(args, Path(args.fixed), Path(args.moving), Path(args.output))
 
@@ -220,7 +211,7 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     inputs = {"fixed": str(fixed_path), "moving": str(moving_path)}
     write_outputs(result, outdir, inputs)
     if args.scene:
-        from DinoRegistrationLib.scene import write_scene_bundle  # Slicer side, next to the engine
+        write_scene_bundle = scene_writer()
 
         write_scene_bundle(outdir, Path(args.scene), fixed_path, moving_path)
     emit_done(result.report, outdir, args)
@@ -259,11 +250,29 @@ def landmark_report(result: Any, landmarks: tuple) -> dict[str, Any]:
                           "moving points mapped to fixed by the inverse transform; LPS mm")
 
 
+#: entry-point group through which the Slicer side offers its scene writer (the engine never imports it)
+SCENE_WRITERS = "dinoreg.scene_writers"
+
+
+def scene_writer() -> Callable[..., None]:
+    """``write_scene_bundle(outdir, mrb_path, fixed_path, moving_path)`` from the installed plug-in."""
+    from importlib.metadata import entry_points
+
+    found = entry_points()
+    group = found.select(group=SCENE_WRITERS) if hasattr(found, "select") else found.get(SCENE_WRITERS, [])
+    for entry in group:
+        if entry.name == "mrb":
+            return entry.load()
+    raise InputError("--scene needs the Slicer side of DinoRegistration installed (pip install 'dinoreg[scene]' from "
+                     "the repository), or drop --scene")
+
+
 def check_scene_support() -> None:
     try:
         import slicer  # noqa: F401  (slicer-core, optional)
     except ImportError:
         raise InputError("--scene needs Slicer's MRML libraries: pip install slicer-core, or drop --scene") from None
+    scene_writer()
 
 
 def emit_done(report: dict[str, Any], outdir: Path, args: argparse.Namespace) -> None:

@@ -85,7 +85,8 @@ def download_handler(args: argparse.Namespace) -> int:
 
 
 def verify_handler(args: argparse.Namespace) -> int:
-    from dinoreg.store import list_models, verify_model
+    from dinoreg.networks.loading import verify_model
+    from dinoreg.store import list_models
 
     targets = args.models or [info.name for info in list_models() if info.present]
     if not targets:

@@ -76,10 +76,10 @@ def command_train(args: argparse.Namespace) -> int:
 def command_finetune(args: argparse.Namespace) -> int:
     from dinoreg.errors import InputError
     from dinoreg.training.config import TrainingConfig, load_config
-    from dinoreg.training.export import read_model_card, resolve_model_path
+    from dinoreg.store import locate_model, read_card
 
-    weights = resolve_model_path(args.model)
-    card = read_model_card(str(weights))
+    weights, card_path, _, _ = locate_model(args.model)
+    card = read_card(card_path) if card_path.is_file() else None
     if not card or "architecture" not in card:
         raise InputError(f"{weights} has no model card ({weights.with_suffix('.json').name}) naming its architecture: "
                          "fine-tune a model written by dinoreg train")

@@ -13,7 +13,9 @@ from typing import Callable
 
 from dinoreg.errors import InputError
 from dinoreg.store.backbone_catalog import default_model_name, known_models
-from dinoreg.store.backbones import (DOWNLOAD_COMMAND, clear_cache, dino_cache_dir, download_model, hf_cache_dir, installed_path, missing_model_message, one_line, resolve_model)
+from dinoreg.store.backbones import (DOWNLOAD_COMMAND, clear_cache, dino_cache_dir, download_model, hf_cache_dir,
+                                     installed_path, missing_model_message, resolve_model)
+from dinoreg.errors import one_line
 
 
 def add_weights_subcommand(subparsers: "argparse._SubParsersAction") -> None:
@@ -80,13 +82,23 @@ def list_handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(name: str, source: str):
+    """A backbone into the store; a Meta checkpoint is converted by the feature layer on the way."""
+    convert = None
+    if source == "meta":
+        from dinoreg.features.dino.backbones import save_converted_checkpoint  # lazy: imports torch and transformers
+
+        convert = save_converted_checkpoint
+    return download_model(name, source=source, convert=convert)
+
+
 def download_handler(args: argparse.Namespace) -> int:
     """Download one model (hub or Meta source) and say where it is; with ``--progress-json``, JSON progress
     events (bytes arrived in the caches against the registry's size) instead of the text lines."""
     print(f"downloading {args.name} from {'Meta' if args.source == 'meta' else 'the Hugging Face hub'} ...",
           file=sys.stderr)
     if not getattr(args, "progress_json", False):
-        folder = download_model(args.name, source=args.source)
+        folder = _download(args.name, args.source)
         print(f"{args.name}: installed in {folder}")
         print(f"check it with: dinoreg weights verify {args.name}")
         return 0
@@ -96,7 +108,7 @@ def download_handler(args: argparse.Namespace) -> int:
     entry = find_model(args.name)
     total = entry.size_mb * 2**20 if entry is not None and entry.size_mb else None
     with DownloadWatcher([hf_cache_dir(), dino_cache_dir()], total, f"downloading {args.name}"):
-        folder = download_model(args.name, source=args.source)
+        folder = _download(args.name, args.source)
     print_event(done_event(name=args.name, path=str(folder)))
     return 0
 
@@ -144,7 +156,7 @@ def verify_model(spec: str) -> str:
 
 def clear_handler(args: argparse.Namespace) -> int:
     """Delete the DINO cache (and with --hub the registry models in the Hugging Face cache)."""
-    removed = clear_cache(include_hub=args.hub)
+    removed = clear_cache(include_hub=args.hub)  # this process holds no loaded models: files only
     for folder in removed:
         print(f"removed {folder}")
     if not removed:

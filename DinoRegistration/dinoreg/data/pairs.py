@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -32,3 +33,14 @@ def stack_pairs(pairs: list[TrainingPair]) -> TrainingPair:
     return TrainingPair(cat([p.fixed for p in pairs]), cat([p.moving for p in pairs]),
                         cat([p.fixed_labels for p in pairs]), cat([p.moving_labels for p in pairs]),
                         cat([p.displacement for p in pairs]))
+
+
+@dataclass
+class LabelledPair:
+    """Fixed and moving images (float arrays, [D, H, W], one grid) and their integer label maps."""
+
+    name: str
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_labels: np.ndarray
+    moving_labels: np.ndarray

@@ -133,7 +133,7 @@ class VolumePairSampler:
 
     def labelled_pairs(self, count: int = 4) -> list:
         """Fixed validation pairs (volume i <- volume i+1) for ``run.validation = "data"``."""
-        from dinoreg.training.validation import LabelledPair
+        from dinoreg.data.pairs import LabelledPair
 
         pairs = []
         for i in range(min(count, len(self.images) - 1)):

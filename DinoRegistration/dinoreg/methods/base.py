@@ -19,16 +19,9 @@ import numpy as np
 import torch
 
 from dinoreg.progress import Progress
+from dinoreg.requirements import Availability
 from dinoreg.core.transforms import DenseField, Transform, warp_volume
 from dinoreg.core.volume import Grid, Volume
-
-
-@dataclass
-class Availability:
-    """Whether a method can run on this machine, and if not, why and how to enable it."""
-
-    ok: bool
-    reason: str = ""
 
 
 @dataclass

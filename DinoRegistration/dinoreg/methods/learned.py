@@ -134,7 +134,7 @@ def dino_model_of(card: dict[str, Any]) -> str | None:
 
 def loaded_model(info: Any, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The model's network (eval mode, on ``device``) and card, kept for the next run of this process."""
-    from dinoreg.store import load_model
+    from dinoreg.networks.loading import load_model
 
     key = (str(info.weights_path), info.weights_path.stat().st_mtime, str(device))
     if key not in _LOADED:

@@ -23,9 +23,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dinoreg.errors import InputError
-from dinoreg.methods.base import Availability
+from dinoreg.requirements import Availability
 from dinoreg.store.backbone_catalog import ModelEntry, find_model, known_models
 
 DEFAULT_MODEL = "facebook/dinov2-with-registers-small"
@@ -213,20 +214,23 @@ def dino_availability(model: str | None = None) -> Availability:
 # download and clean-up (network and heavy imports happen only here)
 
 
-def download_model(spec: str, source: str = "hub") -> Path:
+def download_model(spec: str, source: str = "hub", convert: Callable[[Path, Path], Path] | None = None) -> Path:
     """Fetch a model into the cache and return its local folder.
 
     ``source="hub"`` downloads a hub repository (registry name or any hub id) into the Hugging Face
     cache, with progress bars on stderr. ``source="meta"`` downloads Meta's original ``.pth`` of a
     registry entry into ``<dinoreg cache>/dino/meta`` and converts it to a Hugging Face folder in
-    ``<dinoreg cache>/dino/converted/NAME``.
+    ``<dinoreg cache>/dino/converted/NAME`` with ``convert(checkpoint, folder)`` (the feature layer's
+    converter, ``features.dino.backbones.save_converted_checkpoint``: the store holds files, not models).
     """
     entry = find_model(spec)
     if source == "meta":
         if entry is None or not entry.meta_url:
             known = ", ".join(e.name for e in known_models() if e.meta_url)
             raise InputError(f"no Meta checkpoint is known for '{spec}': --source meta works for {known}")
-        return _download_meta(entry)
+        if convert is None:
+            raise ValueError("download_model(source='meta') needs convert=save_converted_checkpoint")
+        return _download_meta(entry, convert)
     if source != "hub":
         raise InputError(f"unknown download source '{source}': use hub or meta")
     repo_id = entry.hub_id if entry is not None else spec
@@ -264,9 +268,8 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
     return folder
 
 
-def _download_meta(entry: ModelEntry) -> Path:
+def _download_meta(entry: ModelEntry, convert: Callable[[Path, Path], Path]) -> Path:
     from dinoreg.store.downloads import check_recorded_hash, download_verified
-    from dinoreg.features.dino.backbones import save_converted_checkpoint
 
     meta_dir = dino_cache_dir() / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
@@ -281,13 +284,14 @@ def _download_meta(entry: ModelEntry) -> Path:
                              f"connection and retry: {DOWNLOAD_COMMAND} {entry.name} --source meta") from None
     check_recorded_hash(checkpoint)
     target = converted_dir(entry)
-    save_converted_checkpoint(checkpoint, target)
+    convert(checkpoint, target)
     return target
 
 
 def clear_cache(include_hub: bool = False) -> list[Path]:
     """Delete our DINO cache (``<dinoreg cache>/dino``); with ``include_hub`` also the Hugging Face
-    cache folders of the registry models. Returns the folders removed. Unloads cached models."""
+    cache folders of the registry models. Returns the folders removed (files only: models already
+    loaded in memory are the feature layer's, see ``features.dino.backbones.clear_cache``)."""
     removed = []
     targets = [dino_cache_dir()]
     if include_hub:
@@ -296,14 +300,4 @@ def clear_cache(include_hub: bool = False) -> list[Path]:
         if folder.exists():
             shutil.rmtree(folder)
             removed.append(folder)
-    backbones = sys.modules.get("dinoreg.features.dino.backbones")
-    if backbones is not None:
-        backbones.forget_loaded_backbones()
     return removed
-
-
-def one_line(error: BaseException, limit: int = 240) -> str:
-    """First line of an exception's message, shortened, prefixed by its type."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -7,7 +7,6 @@ can fix is a one-line ``InputError`` naming the file and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -15,18 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from dinoreg.errors import InputError
+from dinoreg.store.downloads import sha256_of
 from dinoreg.store.cards import CARD_FORMAT, check_card, default_preprocessing
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
-
-
-def sha256_of(path: str | Path) -> str:
-    """SHA-256 hex digest of a file (read in 1 MB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2 ** 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stem_paths(path: str | Path) -> tuple[Path, Path]:
@@ -158,57 +149,3 @@ def read_weights(path: Path, expected_sha256: str | None, fix: str) -> dict[str,
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"model weights '{path}' do not hold a state dict of tensors: {fix}")
     return state
-
-
-def load_model(name_or_path: str | Path, device: str | Any = "cpu", fix: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """``(network, card)`` of a registry model name or a model file/stem/folder; network in eval mode.
-
-    Raises a one-line InputError when the card or weights are missing, corrupted (SHA-256), or do
-    not fit the architecture the card names.
-    """
-    from dinoreg.store.networks import find_model
-
-    info = find_model(str(name_or_path)) if not _looks_like_path(name_or_path) else None
-    if info is not None:
-        if not info.present:
-            raise InputError(f"model '{info.name}' is not installed: {info.fix}")
-        weights_path, card_path, fix = info.weights_path, info.card_path, info.fix
-    else:
-        weights_path, card_path = stem_paths(name_or_path)
-    fix = fix or "save or copy the model again (weights .safetensors and card .json with one stem)"
-    card = read_card(card_path)
-    expected = (info.sha256 if info is not None else None) or card.get("weights_sha256")
-    state = read_weights(weights_path, expected, fix)
-    network = build_from_card(card, card_path)
-    missing, unexpected = _compare_keys(network.state_dict(), state)
-    if missing or unexpected:
-        raise InputError(f"model weights '{weights_path}' do not match architecture '{card['architecture']}' of its card "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}): {fix}")
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        reason = " ".join(str(error).split())[:160]
-        raise InputError(f"model weights '{weights_path}' do not match the config in its card ({reason}): {fix}") from None
-    return network.to(device).eval(), card
-
-
-def build_from_card(card: dict[str, Any], card_path: Path):
-    from dinoreg.networks import build_network
-
-    try:
-        return build_network(str(card["architecture"]), dict(card["config"]))
-    except InputError:
-        raise
-    except ValueError as error:
-        raise InputError(f"model card '{card_path}' describes a network that cannot be built ({error}): "
-                         "save the model again with this version of dinoreg") from None
-
-
-def _compare_keys(expected: dict[str, Any], actual: dict[str, Any]) -> tuple[list[str], list[str]]:
-    return sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-
-
-def _looks_like_path(spec: str | Path) -> bool:
-    text = str(spec)
-    return isinstance(spec, Path) or os.sep in text or "/" in text or text.endswith((".json", *WEIGHT_SUFFIXES)) \
-        or Path(text).expanduser().exists()

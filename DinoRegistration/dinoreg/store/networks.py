@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from dinoreg.errors import InputError
+from dinoreg.store.checkpoints import WEIGHT_SUFFIXES, read_card, read_weights, stem_paths
+from dinoreg.store.downloads import sha256_of
 
 REGISTRY_FILE = Path(__file__).with_name("networks.json")
 SHIPPED_DIR = Path(__file__).with_name("shipped")
@@ -112,8 +114,6 @@ def download_model(name: str, progress: Any = None) -> Path:
 
     The files appear complete or not at all (temporary names, checked, then renamed).
     """
-    from dinoreg.store.checkpoints import sha256_of
-
     info = find_model(name)
     if info is None:
         raise InputError(f"unknown model '{name}': 'dinoreg models list' shows the known ones")
@@ -149,23 +149,6 @@ def _fetch(url: str, target: Path) -> Path:
     return Path(name)
 
 
-def verify_model(name_or_path: str) -> str:
-    """Load a model (hash, card and architecture checked) and run a tiny forward; returns a one-line report."""
-    import torch
-
-    from dinoreg.store.cards import card_summary
-    from dinoreg.store.checkpoints import load_model
-
-    network, card = load_model(name_or_path)
-    multiple = int(network.shape_multiple)
-    side = multiple * max(1, -(-8 // multiple))  # the smallest multiple of the shape rule >= 8 voxels
-    with torch.no_grad():
-        field = network(torch.zeros((1, 1, side, side, side)), torch.zeros((1, 1, side, side, side)))
-    if not bool(torch.isfinite(field).all()):
-        raise InputError(f"model '{name_or_path}' produced non-finite values: its weights are damaged")
-    return f"{card['name']}: ok ({card_summary(card)})"
-
-
 def clear_models(include_local: bool = False) -> list[Path]:
     """Delete downloaded models (and local ones with ``include_local``); shipped ones stay. Returns deleted files."""
     removed = []
@@ -181,8 +164,6 @@ def clear_models(include_local: bool = False) -> list[Path]:
 def registry_entry(card_path: str | Path, source: str = "shipped", url: str | None = None,
                    card_url: str | None = None) -> dict[str, Any]:
     """The ``registry.json`` entry of a saved model (to paste into the registry when shipping it)."""
-    from dinoreg.store.checkpoints import read_card, sha256_of, stem_paths
-
     weights, card_file = stem_paths(card_path)
     card = read_card(card_file)
     entry = {"name": card["name"], "architecture": card["architecture"], "source": source,
@@ -190,3 +171,35 @@ def registry_entry(card_path: str | Path, source: str = "shipped", url: str | No
     if source == "download":
         entry.update({"url": url, "card_url": card_url})
     return entry
+
+
+def locate_model(name_or_path: str | Path) -> tuple[Path, Path, str | None, str]:
+    """``(weights, card, expected_sha256, fix)`` of a registry model name or a model file/stem/folder.
+
+    The one place a model reference becomes files: every reader (inference, fine-tuning, verify)
+    goes through here, so the registry's SHA-256 (or the card's own) is always checked.
+    """
+    info = find_model(str(name_or_path)) if not _looks_like_path(name_or_path) else None
+    if info is not None:
+        if not info.present:
+            raise InputError(f"model '{info.name}' is not installed: {info.fix}")
+        return info.weights_path, info.card_path, info.sha256, info.fix
+    weights_path, card_path = stem_paths(name_or_path)
+    if not weights_path.exists() and not card_path.exists() and not _looks_like_path(name_or_path):
+        raise InputError(f"model {str(name_or_path)!r} not found: give a .safetensors/.json file or a model name "
+                         "from 'dinoreg models list'")
+    return weights_path, card_path, None, "save or copy the model again (weights .safetensors and card .json with one stem)"
+
+
+def read_model_files(name_or_path: str | Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """``(state_dict, card, weights_path)`` of a model, the card checked and the weights' SHA-256 verified."""
+    weights_path, card_path, expected, fix = locate_model(name_or_path)
+    card = read_card(card_path)
+    state = read_weights(weights_path, expected or card.get("weights_sha256"), fix)
+    return state, card, weights_path
+
+
+def _looks_like_path(spec: str | Path) -> bool:
+    text = str(spec)
+    return isinstance(spec, Path) or os.sep in text or "/" in text or text.endswith((".json", *WEIGHT_SUFFIXES)) \
+        or Path(text).expanduser().exists()

@@ -8,6 +8,7 @@ averaged by DDP, and only rank 0 writes checkpoints, logs and the model.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,11 @@ def setup_distributed(device: torch.device) -> DistributedContext:
 def teardown_distributed(context: DistributedContext) -> None:
     if context.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def hardware_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{world_size} x {name}" if world_size > 1 else name

@@ -40,7 +40,7 @@ def orientation_of(config: TrainingConfig) -> str:
         return LIA_ARRAY_ORIENTATION
     if config.run.init_model:
         card = read_model_card(config.run.init_model)
-        return str((card or {}).get("preprocessing", {}).get("orientation", "any"))
+        return str(card.get("preprocessing", {}).get("orientation", "any"))
     return "any"
 
 
@@ -73,7 +73,7 @@ def export_trained_model(network: torch.nn.Module, config: TrainingConfig, outpu
 
     previous = None
     if config.run.init_model:
-        card = read_model_card(config.run.init_model) or {}
+        card = read_model_card(config.run.init_model)
         previous = {"model": config.run.init_model, "training": card.get("training")}
     card = model_card(config, steps, wall_s, history, hardware, previous)
     card["name"] = "model"
@@ -81,38 +81,11 @@ def export_trained_model(network: torch.nn.Module, config: TrainingConfig, outpu
     return Path(card_path).with_suffix(".safetensors")
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """A ``.safetensors`` path from a path (weights or card) or a registered model's name."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".json":
-        path = path.with_suffix(".safetensors")
-    if path.exists():
-        return path
-    from dinoreg.store import find_model
+def read_model_card(name_or_path: str) -> dict:
+    """The card of a stored model (a name from 'dinoreg models list', or a .json/.safetensors path)."""
+    from dinoreg.store import locate_model, read_card
 
-    info = find_model(str(name_or_path))
-    if info is not None and info.present:
-        return info.weights_path
-    raise InputError(f"model {name_or_path!r} not found: give a .safetensors/.json file or a model name from 'dinoreg models list'")
-
-
-def read_model_card(name_or_path: str) -> dict | None:
-    path = resolve_model_path(name_or_path).with_suffix(".json")
-    if not path.exists():
-        return None
-    from dinoreg.store import read_card
-
-    return read_card(path)
-
-
-def read_model_weights(name_or_path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = resolve_model_path(name_or_path)
-    try:
-        return load_file(str(path))
-    except Exception as error:
-        raise InputError(f"model weights {path} could not be read ({error}): the file is corrupted, train or fetch it again") from None
+    return read_card(locate_model(name_or_path)[1])
 
 
 def export_checkpoint(run_folder: Path, destination: Path) -> Path:
@@ -121,7 +94,7 @@ def export_checkpoint(run_folder: Path, destination: Path) -> Path:
     from dinoreg.training.checkpoint import load_checkpoint
     from dinoreg.training.config import parse_config
     from dinoreg.training.networks import build_training_network
-    from dinoreg.training.trainer import hardware_description
+    from dinoreg.training.distributed import hardware_description
 
     state = load_checkpoint(Path(run_folder))
     if state is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import platform
 import signal
 import sys
 import threading
@@ -27,7 +26,8 @@ import torch
 from dinoreg.errors import InputError
 from dinoreg.training.checkpoint import load_checkpoint, save_checkpoint
 from dinoreg.training.config import TrainingConfig
-from dinoreg.training.distributed import DistributedContext, setup_distributed, teardown_distributed
+from dinoreg.training.distributed import (DistributedContext, hardware_description, setup_distributed,
+                                          teardown_distributed)
 from dinoreg.training.networks import build_training_network, shape_multiple
 
 
@@ -43,14 +43,6 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def poly_factor(step: int, total: int, power: float) -> float:
     """Polynomial learning-rate decay factor (1 at step 0, 0 at ``total``)."""
     return max(0.0, 1.0 - step / max(1, total)) ** power
-
-
-def hardware_description(device: torch.device, world_size: int) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return f"{world_size} x {name}" if world_size > 1 else name
 
 
 class CsvLog:
@@ -360,9 +352,9 @@ def record_rank_agreement(network: torch.nn.Module, context: DistributedContext,
 
 def load_initial_weights(network: torch.nn.Module, name_or_path: str) -> None:
     """Start from a saved model's weights (fine-tuning): a shipped model name or a .safetensors path."""
-    from dinoreg.training.export import read_model_weights
+    from dinoreg.store import read_model_files
 
-    state = read_model_weights(name_or_path)
+    state, _, _ = read_model_files(name_or_path)  # SHA-256 checked like every other reader
     missing, unexpected = network.load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(list(network.state_dict())):
         raise InputError(f"weights of {name_or_path} do not fit network.name's architecture: fine-tune with the same network and config")

@@ -15,19 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoreg.data.pairs import LabelledPair
 from dinoreg.data.brain_pairs import normalise_foreground
 from dinoreg.core.geometry import warp
-
-
-@dataclass
-class LabelledPair:
-    """Fixed and moving images (float arrays, [D, H, W], one grid) and their integer label maps."""
-
-    name: str
-    fixed: np.ndarray
-    moving: np.ndarray
-    fixed_labels: np.ndarray
-    moving_labels: np.ndarray
 
 
 def mean_dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, label_ids: Sequence[int]) -> float:

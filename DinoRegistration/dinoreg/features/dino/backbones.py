@@ -18,7 +18,10 @@ from typing import Iterator
 import torch
 
 from dinoreg.errors import InputError
-from dinoreg.store.backbones import (DOWNLOAD_COMMAND, ModelSource, download_model, hub_offline, missing_model_message, one_line, resolve_model)
+from dinoreg.store import backbones as store
+from dinoreg.store.backbones import (DOWNLOAD_COMMAND, ModelSource, download_model, hub_offline, missing_model_message,
+                                     resolve_model)
+from dinoreg.errors import one_line
 
 SUPPORTED_MODEL_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2", "dinov3_vit": "dinov3"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -84,6 +87,18 @@ def forget_loaded_backbones() -> None:
     """Drop the in-process model cache (after clearing the weights cache, or to free memory)."""
     with _LOCK:
         _CACHE.clear()
+
+
+def clear_cache(include_hub: bool = False) -> list[Path]:
+    """Delete the downloaded DINO weights (``store.backbones.clear_cache``) and unload models held in memory."""
+    removed = store.clear_cache(include_hub=include_hub)
+    forget_loaded_backbones()
+    return removed
+
+
+def download_backbone(spec: str, source: str = "hub") -> Path:
+    """Fetch a backbone into the store; Meta checkpoints are converted to a Hugging Face folder on the way."""
+    return download_model(spec, source=source, convert=save_converted_checkpoint)
 
 
 def _load_uncached(source: ModelSource, device: torch.device) -> Backbone:
@@ -193,7 +208,7 @@ def load_hf_folder(folder: str | Path) -> torch.nn.Module:
 
 def load_meta_checkpoint(path: str | Path, num_heads: int | None = None) -> torch.nn.Module:
     """A transformers model converted on load from a Meta ``.pth`` (see ``meta_checkpoint``)."""
-    from dinoreg.store.meta_checkpoint import convert_meta_state_dict, read_checkpoint
+    from dinoreg.features.dino.meta_checkpoint import convert_meta_state_dict, read_checkpoint
 
     state = read_checkpoint(path)
     config, model_class, converted = convert_meta_state_dict(state, str(path), num_heads=num_heads)

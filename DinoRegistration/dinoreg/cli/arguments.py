@@ -1,0 +1,16 @@
+"""Argument parsing shared by the ``dinoreg`` subcommands."""
+
+from __future__ import annotations
+
+from dinoreg.errors import InputError
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    """``--param KEY=VALUE`` arguments as a dict (values as given; methods check them)."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--param '{pair}' is not KEY=VALUE: write e.g. --param regularisation=2.0")
+        params[key.strip()] = value.strip()
+    return params

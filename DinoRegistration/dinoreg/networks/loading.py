@@ -1,0 +1,61 @@
+"""A stored trained model as a ready network: the store's files (card + weights, SHA-256 checked)
+built into the architecture the card names, and checked to fit it.
+
+The store (``dinoreg.store``) only knows files; building needs the architectures, which live here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinoreg.errors import InputError
+from dinoreg.networks import build_network
+from dinoreg.store import card_summary, locate_model, read_model_files
+
+
+def load_model(name_or_path: str | Path, device: str | Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """``(network, card)`` of a registry model name or a model file/stem/folder; network in eval mode.
+
+    Raises a one-line InputError when the card or weights are missing, corrupted (SHA-256), or do
+    not fit the architecture the card names.
+    """
+    _, card_path, _, fix = locate_model(name_or_path)
+    state, card, weights_path = read_model_files(name_or_path)
+    network = build_from_card(card, card_path)
+    expected = network.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"model weights '{weights_path}' do not match architecture '{card['architecture']}' of its card "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}): {fix}")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:160]
+        raise InputError(f"model weights '{weights_path}' do not match the config in its card ({reason}): {fix}") from None
+    return network.to(device).eval(), card
+
+
+def build_from_card(card: dict[str, Any], card_path: Path) -> torch.nn.Module:
+    """The (untrained) network a card describes; InputError naming the card when it cannot be built."""
+    try:
+        return build_network(str(card["architecture"]), dict(card["config"]))
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError(f"model card '{card_path}' describes a network that cannot be built ({error}): "
+                         "save the model again with this version of dinoreg") from None
+
+
+def verify_model(name_or_path: str) -> str:
+    """Load a model (hash, card and architecture checked) and run a tiny forward; returns a one-line report."""
+    network, card = load_model(name_or_path)
+    multiple = int(network.shape_multiple)
+    side = multiple * max(1, -(-8 // multiple))  # the smallest multiple of the shape rule >= 8 voxels
+    with torch.no_grad():
+        field = network(torch.zeros((1, 1, side, side, side)), torch.zeros((1, 1, side, side, side)))
+    if not bool(torch.isfinite(field).all()):
+        raise InputError(f"model '{name_or_path}' produced non-finite values: its weights are damaged")
+    return f"{card['name']}: ok ({card_summary(card)})"
