@@ -569,7 +569,7 @@ def test_meta_download_is_converted_into_our_cache(model_files, monkeypatch):
         shutil.copy(pth, destination)
         return destination
 
-    monkeypatch.setattr("dinoreg.store.downloads.download_verified", fake_download)
+    monkeypatch.setattr("dinoreg.store.backbones.download_verified", fake_download)
     assert run_cli(["weights", "download", "dinov2_vits14_reg", "--source", "meta"]) == 0
     assert urls == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"]
     converted = weights.converted_dir(weights.find_model("dinov2_vits14_reg"))

@@ -191,7 +191,7 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     steps looked like a detached graph or an ignored field): fitted on one pair, the trainer must grow
     the network's displacement, raise that pair's validation Dice, and score exactly the Dice of the
     labels warped by hand through the network's own forward."""
-    import dinoreg.data.sources as sources
+    import dinoreg.training.trainer as trainer_module
     from dinoreg.data.brain_pairs import normalise_foreground
     from dinoreg.core.geometry import warp
     from dinoreg.networks.loading import load_model
@@ -201,7 +201,7 @@ def test_training_moves_the_field_and_validation_scores_the_network_field(tmp_pa
     from dinoreg.training.validation import mean_dice
 
     source = OnePairSource()
-    monkeypatch.setattr(sources, "make_source", lambda *args, **kwargs: source)
+    monkeypatch.setattr(trainer_module, "make_source", lambda *args, **kwargs: source)
     raw = json.loads(json.dumps(TINY))
     raw["network"]["config"] = {"encoder": [16, 32, 32], "decoder": [32, 16], "output_level": 1, "integrate_steps": 7}
     raw["data"]["spacing_mm"] = 1.0

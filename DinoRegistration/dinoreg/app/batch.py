@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dinoreg.errors import InputError
+from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 from dinoreg.io.output_files import OUTPUT_FILES
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels")
@@ -152,9 +152,9 @@ def run_pair(pair: BatchPair, outdir: str, settings: BatchSettings) -> dict[str,
 
 
 def register_pair(pair: BatchPair, folder: Path, settings: BatchSettings) -> dict[str, Any]:
-    from dinoreg.io.volumes import read_label_volume, read_mask, read_volume
-    from dinoreg.app.outputs import write_outputs
-    from dinoreg.app.pipeline import RegistrationOptions, register
+    from dinoreg.app.outputs import write_outputs  # lazy: imports SimpleITK, numpy, scipy, torch
+    from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports SimpleITK, numpy, scipy, torch
+    from dinoreg.io.volumes import read_label_volume, read_mask, read_volume  # lazy: imports SimpleITK, numpy
 
     fixed = read_volume(pair.fixed, "fixed image")
     moving = read_volume(pair.moving, "moving image")
@@ -171,8 +171,6 @@ def register_pair(pair: BatchPair, folder: Path, settings: BatchSettings) -> dic
 
 def one_line(error: BaseException) -> str:
     """The first line of an error message, with its type when it is not one of ours."""
-    from dinoreg.errors import Cancelled, RegistrationFailed
-
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if isinstance(error, (InputError, RegistrationFailed, Cancelled)):
         return text[:300]
@@ -223,7 +221,7 @@ def run_batch(pairs: list[BatchPair], outdir: str | os.PathLike, settings: Batch
     """
     settings = settings or BatchSettings()
     outdir = Path(outdir).absolute()
-    from dinoreg.app.outputs import check_output_folder
+    from dinoreg.app.outputs import check_output_folder  # lazy: imports SimpleITK, numpy, scipy, torch
 
     check_output_folder(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from dinoreg.errors import InputError
 from dinoreg.core.volume import Volume
+from dinoreg.errors import InputError
 
 MIN_VOXELS_PER_AXIS = 4
 MAX_SPACING_RATIO = 100.0

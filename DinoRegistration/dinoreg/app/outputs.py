@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from dinoreg.errors import InputError
-from dinoreg.io.volumes import write_volume
-from dinoreg.core.itk_files import write_transform
-from dinoreg.io.output_files import OUTPUT_FILES
 from dinoreg.app.pipeline import RegistrationResult
+from dinoreg.core.itk_files import write_transform
+from dinoreg.errors import InputError
+from dinoreg.io.output_files import OUTPUT_FILES
+from dinoreg.io.volumes import write_volume
 from dinoreg.report.preview import write_preview
-
 
 
 def check_output_folder(outdir: str | os.PathLike) -> Path:

@@ -16,17 +16,18 @@ import numpy as np
 import torch
 
 from dinoreg import __version__
-from dinoreg.report import metrics
-from dinoreg.optim.affine import AffineSettings, affine_registration
-from dinoreg.errors import RegistrationFailed
+from dinoreg.app.input_checks import check_registration_inputs
 from dinoreg.core.intensity import foreground, normalise, robust_range
+from dinoreg.core.spatial import resolve_device
+from dinoreg.core.transforms import (DenseField, Transform, jacobian_determinant, resample_without_transform,
+                                     warp_volumes)
+from dinoreg.core.volume import Volume
+from dinoreg.errors import InputError, RegistrationFailed
 from dinoreg.methods.base import Method, RegistrationProblem, get_method, registry
+from dinoreg.optim.affine import AffineSettings, affine_registration
 from dinoreg.peak_memory import peak_rss_mb
 from dinoreg.progress import Progress
-from dinoreg.core.spatial import resolve_device
-from dinoreg.core.transforms import (DenseField, Transform, jacobian_determinant, resample_without_transform, warp_volumes)
-from dinoreg.app.input_checks import check_registration_inputs
-from dinoreg.core.volume import Volume
+from dinoreg.report import metrics
 
 #: methods tried in order by ``method='auto'``: the best one that can run here wins
 AUTO_PREFERENCE = ["dino-mind", "dino-zeroshot", "mind-zeroshot", "affine"]
@@ -66,8 +67,6 @@ def choose_method(options: RegistrationOptions) -> tuple[Method, dict[str, Any]]
 
     Availability is judged with the user's parameters (e.g. a local ``model`` folder for DINO).
     """
-    from dinoreg.errors import InputError
-
     if options.method != "auto":
         method = get_method(options.method)
         params = method.parameters(options.preset, options.params)
@@ -185,8 +184,6 @@ def check_inputs_finite(volumes: dict[str, Volume | None]) -> None:
     The check is here, not only in the file readers, so API, benchmark and training callers are
     protected too.
     """
-    from dinoreg.errors import InputError
-
     for role, volume in volumes.items():
         if volume is None or volume.array.dtype.kind != "f":
             continue
@@ -198,8 +195,6 @@ def check_inputs_finite(volumes: dict[str, Volume | None]) -> None:
 
 def check_transform_finite(transform: Transform, method_name: str) -> None:
     """Never hand out (or write) a transform with NaN/inf values."""
-    from dinoreg.errors import RegistrationFailed
-
     for step in transform.steps:
         values = step.displacement if isinstance(step, DenseField) else step.homogeneous
         if not np.isfinite(values).all():

@@ -11,6 +11,10 @@ import os
 import sys
 from typing import Any
 
+from dinoreg.app.batch import BatchSettings, read_pairs, run_batch
+from dinoreg.cli.arguments import parse_params
+from dinoreg.errors import InputError
+
 
 def add_batch_command(sub: Any) -> None:
     batch = sub.add_parser("batch", help="register every pair of a CSV table (resumable; local workers or Dask)",
@@ -40,10 +44,6 @@ def default_workers() -> int:
 
 
 def command_batch(args: argparse.Namespace) -> int:
-    from dinoreg.app.batch import BatchSettings, read_pairs, run_batch
-    from dinoreg.cli.arguments import parse_params
-    from dinoreg.errors import InputError
-
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: give at least 1")
     pairs = read_pairs(args.pairs, args.method, args.preset)

@@ -12,12 +12,12 @@ import platform
 import sys
 from typing import Any, Dict
 
+from dinoreg.requirements import check_requirements
+
 
 def probe_devices() -> Dict[str, Any]:
     """``{"python", "platform", "missing", "outdated", "install", "torch", "torch_error", "cuda": [{index, name,
     free_mb, total_mb}], "mps"}``; memory in MiB, measured now."""
-    from dinoreg.requirements import check_requirements
-
     info: Dict[str, Any] = {"python": platform.python_version(), "platform": sys.platform, **check_requirements(),
                             "torch": None, "torch_error": None, "cuda": [], "mps": False}
     if "torch" in info["missing"]:

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dinoreg.cli.arguments import parse_params
+from dinoreg.cli.batch import add_batch_command
+from dinoreg.cli.devices import command_devices
+from dinoreg.cli.models import add_models_command, method_listing
+from dinoreg.cli.train import add_training_commands
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
+from dinoreg.progress import Progress, done_event, error_event, print_event, progress_event
 
 DEMO_FILES = ("MRBrainTumor1.nii.gz", "MRBrainTumor2.nii.gz")
 
@@ -61,8 +66,6 @@ def raise_cancelled(signum: int, frame: object) -> None:
 
 def report_error(message: str, json_events: bool) -> None:
     if json_events:
-        from dinoreg.progress import error_event, print_event
-
         print_event(error_event(message))
     print(f"dinoreg: error: {message}", file=sys.stderr)
 
@@ -114,13 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     apply.set_defaults(func=command_apply)
 
     add_weights_command(sub)
-    from dinoreg.cli.models import add_models_command
 
     add_models_command(sub)
-    from dinoreg.cli.train import add_training_commands
 
     add_training_commands(sub)
-    from dinoreg.cli.batch import add_batch_command
 
     add_batch_command(sub)
     return parser
@@ -187,9 +187,9 @@ def demo_pair() -> tuple[Path, Path]:
 
 
 def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Path, outdir: Path) -> int:
-    from dinoreg.io.volumes import read_label_volume, read_mask, read_volume
-    from dinoreg.app.outputs import check_output_folder, write_outputs
-    from dinoreg.app.pipeline import RegistrationOptions, register
+    from dinoreg.app.outputs import check_output_folder, write_outputs  # lazy: imports SimpleITK, numpy, scipy, torch
+    from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports SimpleITK, numpy, scipy, torch
+    from dinoreg.io.volumes import read_label_volume, read_mask, read_volume  # lazy: imports SimpleITK, numpy
 
     outdir = check_output_folder(outdir)
     if args.scene:
@@ -225,7 +225,7 @@ def read_landmark_pair(fixed_path: str | None, moving_path: str | None) -> tuple
         return None
     if not (fixed_path and moving_path):
         raise InputError("landmark distances need both --fixed-landmarks and --moving-landmarks")
-    from dinoreg.io.landmarks import pair_landmarks, read_labelled_landmarks
+    from dinoreg.io.landmarks import pair_landmarks, read_labelled_landmarks  # lazy: imports numpy
 
     fixed, moving = read_labelled_landmarks(fixed_path), read_labelled_landmarks(moving_path)
     pair_landmarks(fixed[0], moving[0])
@@ -238,7 +238,7 @@ def landmark_report(result: Any, landmarks: tuple) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from dinoreg.io.landmarks import landmark_check
+    from dinoreg.io.landmarks import landmark_check  # lazy: imports numpy
 
     inverse = result.inverse if result.inverse is not None else result.transform.inverse()
 
@@ -277,7 +277,6 @@ def check_scene_support() -> None:
 
 def emit_done(report: dict[str, Any], outdir: Path, args: argparse.Namespace) -> None:
     if args.progress_json:
-        from dinoreg.progress import done_event, print_event
 
         print_event(done_event(outdir=str(outdir)))
     elif not args.quiet:
@@ -294,8 +293,6 @@ class progress_display:
         self.bar = None
 
     def __enter__(self):
-        from dinoreg.progress import Progress
-
         self.cancel_event = threading.Event()
         return Progress(self.callback(), self.cancel_event)
 
@@ -311,7 +308,6 @@ class progress_display:
 
     @staticmethod
     def print_json(stage: str, fraction: float, seconds_left: float | None) -> None:
-        from dinoreg.progress import print_event, progress_event
 
         print_event(progress_event(stage, fraction, seconds_left))
 
@@ -331,8 +327,7 @@ class progress_display:
 # ---------------------------------------------------------------------------------------------- methods
 
 def command_methods(args: argparse.Namespace) -> int:
-    from dinoreg.cli.models import method_listing
-    from dinoreg.methods.base import registry
+    from dinoreg.methods.base import registry  # lazy: imports SimpleITK, numpy, torch
 
     rows = []
     for name, cls in sorted(registry().items()):
@@ -354,16 +349,10 @@ def command_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_devices(args: argparse.Namespace) -> int:
-    from dinoreg.cli.devices import command_devices as run
-
-    return run(args)
-
-
 # ---------------------------------------------------------------------------------------------- evaluate / apply
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from dinoreg.report.evaluation import evaluate_outputs
+    from dinoreg.report.evaluation import evaluate_outputs  # lazy: imports numpy, scipy
 
     results = evaluate_outputs(args.fixed_labels, args.warped_labels, args.labels, args.jacobian, args.transform,
                                args.fixed_landmarks, args.moving_landmarks)
@@ -380,10 +369,10 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_apply(args: argparse.Namespace) -> int:
-    from dinoreg.io.volumes import read_volume, write_volume
-    from dinoreg.core.itk_files import read_transform
-    from dinoreg.core.spatial import resolve_device
-    from dinoreg.core.transforms import warp_volume
+    from dinoreg.core.itk_files import read_transform  # lazy: imports SimpleITK, numpy, torch
+    from dinoreg.core.spatial import resolve_device  # lazy: imports SimpleITK, numpy, torch
+    from dinoreg.core.transforms import warp_volume  # lazy: imports SimpleITK, numpy, torch
+    from dinoreg.io.volumes import read_volume, write_volume  # lazy: imports SimpleITK, numpy
 
     transform = read_transform(args.transform)
     reference = read_volume(args.reference, "reference image")

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from dinoreg.errors import InputError
+from dinoreg.store import card_summary, clear_models, download_model, list_models, models_dir, read_card
 
 
 def method_listing(method: Any) -> dict[str, Any]:
@@ -23,8 +24,6 @@ def method_listing(method: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"kind": method.kind, "label": method.label or method.name, "rank": int(method.rank)}
     info = getattr(method, "model_info", None)
     if info is not None:
-        from dinoreg.store import card_summary
-
         row["weights"] = {"source": info.source, "present": info.present, "path": str(info.weights_path),
                           "sha256": info.sha256}
         card = method.card()
@@ -55,7 +54,6 @@ def add_models_command(sub: Any) -> None:
 
 
 def list_handler(args: argparse.Namespace) -> int:
-    from dinoreg.store import card_summary, list_models, models_dir, read_card
 
     rows = []
     for info in list_models():
@@ -77,16 +75,13 @@ def list_handler(args: argparse.Namespace) -> int:
 
 
 def download_handler(args: argparse.Namespace) -> int:
-    from dinoreg.store import download_model
-
     for name in args.names:
         print(f"{name}: {download_model(name)}")
     return 0
 
 
 def verify_handler(args: argparse.Namespace) -> int:
-    from dinoreg.networks.loading import verify_model
-    from dinoreg.store import list_models
+    from dinoreg.networks.loading import verify_model  # lazy: imports torch
 
     targets = args.models or [info.name for info in list_models() if info.present]
     if not targets:
@@ -103,8 +98,6 @@ def verify_handler(args: argparse.Namespace) -> int:
 
 
 def clear_handler(args: argparse.Namespace) -> int:
-    from dinoreg.store import clear_models
-
     removed = clear_models(include_local=args.local)
     print(f"deleted {len(removed)} file(s)" + "".join(f"\n  {path}" for path in removed))
     return 0

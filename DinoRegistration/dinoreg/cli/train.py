@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dinoreg.errors import InputError
+from dinoreg.store import locate_model, models_dir, read_card
+from dinoreg.training.config import TrainingConfig, load_config
+
 TRAIN_EPILOG = """examples:
   dinoreg train --config configs/unet-synthseg.toml --output runs/brain
   dinoreg train --config configs/unet-synthseg.toml --output runs/brain --resume   (continue after a stop)
@@ -67,16 +71,11 @@ def add_training_commands(sub: Any) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from dinoreg.training.config import load_config
-
     config = load_config(args.config)
     return run(config, args)
 
 
 def command_finetune(args: argparse.Namespace) -> int:
-    from dinoreg.errors import InputError
-    from dinoreg.training.config import TrainingConfig, load_config
-    from dinoreg.store import locate_model, read_card
 
     weights, card_path, _, _ = locate_model(args.model)
     card = read_card(card_path) if card_path.is_file() else None
@@ -105,8 +104,6 @@ def install_model(weights: Path, name: str) -> Path:
     import json
     import shutil
 
-    from dinoreg.errors import InputError
-    from dinoreg.store import models_dir
 
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):
         raise InputError(f"--name {name!r} must be a plain model name such as 'my-brain-model'")
@@ -124,7 +121,7 @@ def install_model(weights: Path, name: str) -> Path:
 
 
 def run(config: Any, args: argparse.Namespace) -> int:
-    from dinoreg.training.trainer import train
+    from dinoreg.training.trainer import train  # lazy: imports numpy, torch
 
     if getattr(args, "steps", None):
         config.run.steps = int(args.steps)

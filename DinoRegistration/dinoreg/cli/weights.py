@@ -11,11 +11,11 @@ import argparse
 import sys
 from typing import Callable
 
-from dinoreg.errors import InputError
-from dinoreg.store.backbone_catalog import default_model_name, known_models
+from dinoreg.errors import InputError, one_line
+from dinoreg.progress import DownloadWatcher, done_event, error_event, print_event
+from dinoreg.store.backbone_catalog import default_model_name, find_model, known_models
 from dinoreg.store.backbones import (DOWNLOAD_COMMAND, clear_cache, dino_cache_dir, download_model, hf_cache_dir,
                                      installed_path, missing_model_message, resolve_model)
-from dinoreg.errors import one_line
 
 
 def add_weights_subcommand(subparsers: "argparse._SubParsersAction") -> None:
@@ -55,8 +55,6 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             return handler(args)
         except InputError as error:
             if getattr(args, "progress_json", False):
-                from dinoreg.progress import error_event, print_event
-
                 print_event(error_event(str(error)))
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -102,8 +100,6 @@ def download_handler(args: argparse.Namespace) -> int:
         print(f"{args.name}: installed in {folder}")
         print(f"check it with: dinoreg weights verify {args.name}")
         return 0
-    from dinoreg.progress import DownloadWatcher, done_event, print_event
-    from dinoreg.store.backbone_catalog import find_model
 
     entry = find_model(args.name)
     total = entry.size_mb * 2**20 if entry is not None and entry.size_mb else None
@@ -135,7 +131,8 @@ def verify_model(spec: str) -> str:
     """
     import torch
 
-    from dinoreg.features.dino.backbones import imagenet_normalise, load_backbone
+    from dinoreg.features.dino.backbones import (imagenet_normalise,  # lazy: imports SimpleITK, numpy, torch
+                                                 load_backbone)
 
     try:
         source = resolve_model(spec)

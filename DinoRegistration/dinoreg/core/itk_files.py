@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dinoreg.errors import InputError
 from dinoreg.core.transforms import AffineMap, DenseField, Transform
 from dinoreg.core.volume import Grid, copy_geometry_to_sitk
+from dinoreg.errors import InputError
 
 
 def affine_to_sitk(affine: AffineMap) -> sitk.AffineTransform:

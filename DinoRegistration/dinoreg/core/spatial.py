@@ -20,6 +20,7 @@ import torch
 
 from dinoreg.core.geometry.sampling import grid_sample_3d
 from dinoreg.core.volume import Grid
+from dinoreg.errors import InputError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -30,8 +31,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from dinoreg.errors import InputError
-
         raise InputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
     return torch.device(name)
 

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dinoreg.core import spatial
+from dinoreg.core import geometry, spatial
 from dinoreg.core.geometry.jacobian import determinant_3x3
 from dinoreg.core.volume import Grid, Volume
 
@@ -110,8 +110,6 @@ class DenseField:
         larger than ``max_voxels`` are inverted on a coarser grid over the same box and the result
         is resampled back (fields from our methods are smooth at that scale).
         """
-        from dinoreg.core import geometry
-
         work_grid = self.grid
         if np.prod(self.grid.size) > max_voxels:
             factor = (np.prod(self.grid.size) / max_voxels) ** (1.0 / 3.0)

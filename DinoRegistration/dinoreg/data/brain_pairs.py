@@ -26,11 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoreg.core.geometry import compose, invert, resize_field
+from dinoreg.core.transforms import AffineMap, Transform, warp_volume
+from dinoreg.core.volume import Grid, Volume
 from dinoreg.data import synthesis
-from dinoreg.core.geometry import resize_field
-from dinoreg.data.deformations import (affine_displacement, integrate_velocity, random_affine_matrix, random_velocity, smooth_noise, uniform, warp)
+from dinoreg.data.deformations import (affine_displacement, integrate_velocity, random_affine_matrix, random_velocity,
+                                       smooth_noise, uniform, warp)
 from dinoreg.data.pairs import TrainingPair
 from dinoreg.data.random_shapes import gaussian_blur
+from dinoreg.data.real_pairs import affine_transform
 
 #: tissue classes in a fixed order (index = class id used by the lookup tables)
 TISSUES: list[str] = list(synthesis.TISSUE_T1_MEAN)
@@ -70,8 +74,6 @@ class LabelMap:
 
 def lia_grid_volume(array_lia: np.ndarray, step: int, full_shape: tuple[int, ...]) -> "Volume":
     """Every ``step``-th voxel of a 1 mm LIA box of ``full_shape`` (centred like ``synthesis.lia_volume``)."""
-    from dinoreg.core.volume import Grid, Volume
-
     origin = -synthesis.LIA_DIRECTION_LPS @ ((np.asarray(full_shape, dtype=np.float64) - 1.0) / 2.0)
     grid = Grid(tuple(array_lia.shape), origin, np.full(3, float(step)), synthesis.LIA_DIRECTION_LPS)
     return Volume(np.ascontiguousarray(array_lia.transpose(2, 1, 0)), grid)
@@ -80,9 +82,6 @@ def lia_grid_volume(array_lia: np.ndarray, step: int, full_shape: tuple[int, ...
 def reference_alignment(number: int, labels: np.ndarray, reference: np.ndarray, cache: Path) -> "Transform":
     """Affine (reference -> subject, LPS mm) of the engine's affine stage between T1 images
     synthesised at 2 mm from the two label maps; cached as a 4x4 matrix (any training spacing)."""
-    from dinoreg.core.transforms import AffineMap, Transform
-    from dinoreg.data.real_pairs import affine_transform
-
     path = cache / f"synthseg{number:02d}_to_01_affine_v{synthesis.SYNTH_VERSION}.npy"
     if not path.exists():
         fixed = lia_grid_volume(synthesis.synthesize_t1(reference[::2, ::2, ::2], seed=1), 2, reference.shape)
@@ -110,8 +109,6 @@ def prepare_label_map(number: int, spacing_mm: int, cache: Path) -> LabelMap:
     """
     path = cache / f"synthseg{number:02d}_{spacing_mm}mm_aligned_v{synthesis.SYNTH_VERSION}.npz"
     if not path.exists():
-        from dinoreg.core.transforms import warp_volume
-
         cache.mkdir(parents=True, exist_ok=True)
         step = int(spacing_mm)
         labels, mask = load_cropped(number)
@@ -253,7 +250,6 @@ class BrainPairSampler:
         if same:
             # fixed voxel x shows anatomy at x + d1(x); the moving voxel showing it is that point
             # mapped through the inverse of y -> y + d2(y): u = compose(d1, inverse(d2))
-            from dinoreg.core.geometry import compose, invert
 
             truth = compose(fields[0], invert(fields[1], iterations=20)[0])
         return TrainingPair(images[0], images[1], labels[0], labels[1], truth)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoreg.data import synthesis
+from dinoreg.progress import Progress
 
 PAIR_NAMES = ("oasis<-mne", "mne<-oasis")
 
@@ -66,7 +67,7 @@ def mne_subject() -> tuple[np.ndarray, np.ndarray]:
 
 def align(fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Moving image and labels resampled onto the fixed grid after the engine's affine stage."""
-    from dinoreg.core.transforms import warp_volume
+    from dinoreg.core.transforms import warp_volume  # lazy: imports torch
 
     fixed_volume, moving_volume = synthesis.lia_volume(fixed), synthesis.lia_volume(moving)
     transform = affine_transform(fixed_volume, moving_volume)
@@ -79,8 +80,7 @@ def affine_transform(fixed, moving):
     """The engine's rigid-then-affine stage (fixed -> moving), as ``dinoreg register`` runs it."""
     import SimpleITK as sitk
 
-    from dinoreg.optim import affine
-    from dinoreg.progress import Progress
+    from dinoreg.optim import affine  # lazy: imports torch
 
     try:
         return affine.affine_registration(fixed, moving, Progress())
@@ -96,7 +96,7 @@ def affine_transform(fixed, moving):
         matrix.SetMatrix(rigid.GetMatrix())
         matrix.SetTranslation(rigid.GetTranslation())
         matrix = affine.run_stage(*images, matrix, settings.affine_iterations, settings, (None, None), Progress(), (0.5, 1.0))
-        from dinoreg.core.transforms import Transform
+        from dinoreg.core.transforms import Transform  # lazy: imports torch
 
         return Transform([affine.sitk_part_to_step(matrix.Downcast() if hasattr(matrix, "Downcast") else matrix)])
 

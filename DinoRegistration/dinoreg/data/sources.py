@@ -20,7 +20,7 @@ class RandomShapeSource:
     """Random-shape pairs of a fixed shape (label ids 0..n_shapes-1 for Dice)."""
 
     def __init__(self, shape, max_velocity_voxels: float, device: torch.device | str) -> None:
-        from dinoreg.data.random_shapes import RandomShapeSettings
+        from dinoreg.data.random_shapes import RandomShapeSettings  # lazy: imports numpy
 
         self.shape = tuple(int(s) for s in shape)
         self.settings = RandomShapeSettings(max_velocity_voxels=max_velocity_voxels)
@@ -28,7 +28,7 @@ class RandomShapeSource:
         self.device = device
 
     def sample(self, generator: torch.Generator):
-        from dinoreg.data.random_shapes import random_shape_pair
+        from dinoreg.data.random_shapes import random_shape_pair  # lazy: imports numpy
 
         return random_shape_pair(self.shape, generator, self.settings, self.device)
 
@@ -41,8 +41,9 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
             raise InputError(f"data.shape {list(data.shape)} must be multiples of {multiple} for this network")
         return RandomShapeSource(data.shape, data.max_velocity_mm / data.spacing_mm, device)
     if data.source == "synthseg":
-        from dinoreg.data import synthesis
-        from dinoreg.data.brain_pairs import DICE_LABELS, BrainPairSampler, BrainSynthSettings
+        from dinoreg.data import synthesis  # lazy: imports SimpleITK, numpy, scipy
+        from dinoreg.data.brain_pairs import (DICE_LABELS, BrainPairSampler,  # lazy: imports SimpleITK, numpy, scipy
+                                              BrainSynthSettings)
 
         if float(data.spacing_mm) != int(data.spacing_mm) or not 1 <= int(data.spacing_mm) <= 4:
             raise InputError(f"data.spacing_mm = {data.spacing_mm}: synthseg training works at 1, 2, 3 or 4 mm")
@@ -58,7 +59,8 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
             raise InputError(f"synthseg volumes at {data.spacing_mm} mm are {source.shape}: not multiples of {multiple}")
         source.label_ids = list(DICE_LABELS)
         return source
-    from dinoreg.data.volumes import VolumePairSampler, csv_entries, folder_entries
+    from dinoreg.data.volumes import (VolumePairSampler, csv_entries,  # lazy: imports SimpleITK, numpy, scipy
+                                      folder_entries)
 
     entries = folder_entries(data.path, data.labels_path) if data.source == "folder" else csv_entries(data.path)
     source = VolumePairSampler(entries, data.spacing_mm, multiple, data.max_velocity_mm / data.spacing_mm, device)

@@ -22,10 +22,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from dinoreg.errors import InputError
+from dinoreg.core.transforms import Transform, warp_volume
 from dinoreg.data.brain_pairs import normalise_foreground
 from dinoreg.data.deformations import integrate_velocity, random_velocity, warp
-from dinoreg.data.pairs import TrainingPair
+from dinoreg.data.pairs import LabelledPair, TrainingPair
+from dinoreg.errors import InputError
+from dinoreg.io.volumes import read_label_volume, read_volume
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 
@@ -68,9 +70,6 @@ def csv_entries(path: str | Path) -> list[VolumeEntry]:
 
 def load_resampled(entry: VolumeEntry, spacing_mm: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Image (float32, normalised) and label map (int64 or None) at ``spacing_mm``, array order [k, j, i]."""
-    from dinoreg.io.volumes import read_label_volume, read_volume
-    from dinoreg.core.transforms import Transform, warp_volume
-
     image = read_volume(entry.image, "training image")
     grid = image.grid.with_spacing(spacing_mm)
     resampled = warp_volume(image, Transform([]), grid).array.astype(np.float32)
@@ -133,8 +132,6 @@ class VolumePairSampler:
 
     def labelled_pairs(self, count: int = 4) -> list:
         """Fixed validation pairs (volume i <- volume i+1) for ``run.validation = "data"``."""
-        from dinoreg.data.pairs import LabelledPair
-
         pairs = []
         for i in range(min(count, len(self.images) - 1)):
             if self.labels[i] is None or self.labels[i + 1] is None:

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinoreg.errors import InputError
 from dinoreg.core.intensity import robust_range
 from dinoreg.core.spatial import voxels_per_axis
+from dinoreg.errors import InputError
 
 #: number of MIND-SSC channels
 MIND_CHANNELS = 12

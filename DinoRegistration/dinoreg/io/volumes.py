@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dinoreg.errors import InputError
 from dinoreg.core.volume import Grid, Volume
+from dinoreg.errors import InputError
 
 MGH_SUFFIXES = (".mgz", ".mgh")
 

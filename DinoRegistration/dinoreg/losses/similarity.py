@@ -32,7 +32,7 @@ def mind_features(images: torch.Tensor, radius: int = 1, dilation: int = 2,
                   spacing: Sequence[float] | None = None) -> torch.Tensor:
     """MIND-SSC ``(N, 12, D, H, W)`` of each image of ``images (N, 1, D, H, W)`` (no gradient: the
     descriptors are computed once per image; ``spacing`` (sD, sH, sW) mm for anisotropic grids)."""
-    from dinoreg.features.mind import mind_ssc
+    from dinoreg.features.mind import mind_ssc  # lazy: imports SimpleITK, numpy
 
     spacing_ijk = None if spacing is None else tuple(float(s) for s in reversed(list(spacing)))
     with torch.no_grad():

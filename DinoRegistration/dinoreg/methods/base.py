@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinoreg.progress import Progress
-from dinoreg.requirements import Availability
 from dinoreg.core.transforms import DenseField, Transform, warp_volume
 from dinoreg.core.volume import Grid, Volume
+from dinoreg.errors import InputError
+from dinoreg.methods import load_builtin_methods
+from dinoreg.progress import Progress
+from dinoreg.requirements import Availability
 
 
 @dataclass
@@ -66,8 +68,6 @@ class Method:
 
     def parameters(self, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Default parameters, updated by a preset and then by user overrides (unknown keys rejected)."""
-        from dinoreg.errors import InputError
-
         params = dict(self.presets[self.default_preset])
         if preset:
             if preset not in self.presets:
@@ -90,8 +90,6 @@ def coerce_like(default: Any, value: Any, name: str = "parameter") -> Any:
     convert (``adam_iterations=abc``), booleans other than true/false/yes/no/on/off/1/0, and
     non-finite numbers.
     """
-    from dinoreg.errors import InputError
-
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -130,15 +128,11 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def registry() -> dict[str, type[Method]]:
     """All registered methods by name (importing the built-in method modules first)."""
-    from dinoreg.methods import load_builtin_methods
-
     load_builtin_methods()
     return dict(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
-    from dinoreg.errors import InputError
-
     methods = registry()
     if name not in methods:
         raise InputError(f"unknown method '{name}': run 'dinoreg methods' to list them ({', '.join(sorted(methods))})")

@@ -31,10 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinoreg.errors import InputError
+from dinoreg.core.geometry import diffusion_penalty, from_ijk_channels, to_ijk_channels, warp
+from dinoreg.core.spatial import (grid_points, physical_displacement_to_voxel, sample_at_points,
+                                  voxel_displacement_to_physical)
 from dinoreg.core.transforms import Transform, warp_volume
 from dinoreg.core.volume import Grid, Volume
-from dinoreg.methods.base import (_REGISTRY, Availability, Method, RegistrationProblem, WorkingPair, dense_result, prepare_working_pair, register_method)
+from dinoreg.errors import InputError
+from dinoreg.features.mind import mind_ssc, robust_normalise
+from dinoreg.losses import local_ncc_loss
+from dinoreg.methods.base import (_REGISTRY, Availability, Method, RegistrationProblem, WorkingPair, dense_result,
+                                  prepare_working_pair, register_method)
+from dinoreg.methods.zeroshot import dino_module_availability, foreground_region, normalise_group
+from dinoreg.networks.loading import load_model
+from dinoreg.optim.adam import Adam
+from dinoreg.optim.convex_adam import ConvexAdamSettings
+from dinoreg.optim.convex_adam import instance_optimisation as adam_stage
+from dinoreg.store import card_summary, list_models
+from dinoreg.store.cards import orientation_matrix
 
 STAGE_RESAMPLE = "resampling"
 STAGE_NETWORK = "network"
@@ -85,8 +98,6 @@ class LearnedMethod(Method):
         card = self.card() or {}
         model = dino_model_of(card)
         if model:
-            from dinoreg.methods.zeroshot import dino_module_availability
-
             dino = dino_module_availability(model)
             if not dino.ok:
                 return Availability(False, f"model '{info.name}' needs DINO weights: {dino.reason}")
@@ -119,7 +130,6 @@ class LearnedMethod(Method):
                 moving = normalise(pair.moving, pair.moving_mask, card["preprocessing"])
             displacement = instance_optimisation(fixed, moving, displacement, pair, params, progress)
         progress.stage(STAGE_OUTPUT)
-        from dinoreg.core.geometry import to_ijk_channels
 
         return dense_result(to_ijk_channels(displacement), pair, problem, initial)
 
@@ -134,8 +144,6 @@ def dino_model_of(card: dict[str, Any]) -> str | None:
 
 def loaded_model(info: Any, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The model's network (eval mode, on ``device``) and card, kept for the next run of this process."""
-    from dinoreg.networks.loading import load_model
-
     key = (str(info.weights_path), info.weights_path.stat().st_mtime, str(device))
     if key not in _LOADED:
         _LOADED[key] = load_model(info.name, device)
@@ -160,8 +168,6 @@ def model_grid(fixed_grid: Grid, spacing_mm: float, orientation: str, multiple: 
     """Grid of the network: covers the fixed image's box, ``spacing_mm`` voxels, axes along
     ``orientation`` (an axis code such as 'RAS' for the i, j, k axes, or 'any' = the fixed image's
     directions), each size rounded up to a multiple of ``multiple`` (centred: the padding is split)."""
-    from dinoreg.store.cards import orientation_matrix
-
     direction = fixed_grid.direction if orientation.lower() == "any" else orientation_matrix(orientation)
     size = np.asarray(fixed_grid.size)
     corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
@@ -214,9 +220,6 @@ def antialiased(volume: Volume, target_spacing_mm: Any) -> Volume:
 def field_on_grid(displacement: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
     """A voxel displacement ``(1, 3, D, H, W)`` on ``source`` (channel k along axis k + 2) resampled
     (trilinear, in LPS mm) onto ``target`` and expressed in ``target``'s voxels; 0 outside ``source``."""
-    from dinoreg.core.geometry import from_ijk_channels, to_ijk_channels
-    from dinoreg.core.spatial import (grid_points, physical_displacement_to_voxel, sample_at_points, voxel_displacement_to_physical)
-
     physical = voxel_displacement_to_physical(to_ijk_channels(displacement), source)
     sampled = sample_at_points(physical, source, grid_points(target, device=displacement.device))
     return from_ijk_channels(physical_displacement_to_voxel(sampled, target))
@@ -224,8 +227,6 @@ def field_on_grid(displacement: torch.Tensor, source: Grid, target: Grid) -> tor
 
 def normalise(image: torch.Tensor, mask: torch.Tensor | None, preprocessing: dict[str, Any]) -> torch.Tensor:
     """Intensities as the model was trained: robust foreground percentiles to [0, 1], 0 outside a mask."""
-    from dinoreg.features.mind import robust_normalise
-
     rule = preprocessing.get("normalisation", {}) or {}
     kind = rule.get("kind", "percentile")
     if kind != "percentile":
@@ -248,15 +249,9 @@ def predict(network: Any, fixed: torch.Tensor, moving: torch.Tensor, symmetric: 
 def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor, pair: WorkingPair,
                           params: dict[str, Any], progress: Any) -> torch.Tensor:
     """Refine the predicted field with Adam: MIND-SSC (ConvexAdam's Adam stage) or local NCC, + diffusion."""
-    from dinoreg.core.geometry import from_ijk_channels, to_ijk_channels
-    from dinoreg.methods.zeroshot import foreground_region, normalise_group
-
     similarity = str(params["io_similarity"])
     region = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, float(params["foreground_margin_mm"]))
     if similarity == "mind":
-        from dinoreg.features.mind import mind_ssc
-        from dinoreg.optim.convex_adam import ConvexAdamSettings, instance_optimisation as adam_stage
-
         with torch.no_grad():
             fixed_mind = mind_ssc(fixed, pair.fixed_mask, 1, 2, pair.grid.spacing)
             moving_mind = mind_ssc(moving, pair.moving_mask, 1, 2, pair.grid.spacing)
@@ -276,10 +271,6 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacemen
 def lncc_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor, params: dict[str, Any],
                       progress: Any) -> torch.Tensor:
     """Adam on the full model-grid field: local NCC (MONAI) + ``io_regularisation`` * diffusion."""
-    from dinoreg.core.geometry import diffusion_penalty, warp
-    from dinoreg.losses import local_ncc_loss
-    from dinoreg.optim.adam import Adam
-
     iterations = int(params["io_iterations"])
     parameter = displacement.detach().clone().requires_grad_(True)
     optimiser = Adam(parameter, 0.1 * float(params["io_learning_rate"]))
@@ -297,8 +288,6 @@ def lncc_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacement: t
 
 def refresh_methods() -> None:
     """(Re-)register one method per model of the registry; forget methods of models that are gone."""
-    from dinoreg.store import list_models
-
     try:
         infos = list_models()
     except InputError:
@@ -323,8 +312,6 @@ def method_class(info: Any) -> type[LearnedMethod]:
     method = type("LearnedMethod_" + info.name.replace("-", "_"), (LearnedMethod,), attributes)
     card = method().card()
     if card:
-        from dinoreg.store import card_summary
-
         method.summary = f"trained network: {card_summary(card)}"
         method.label = str(card.get("label") or method.label)
         method.rank = int(card.get("rank", DEFAULT_RANK))

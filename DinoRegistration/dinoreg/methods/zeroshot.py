@@ -19,11 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dinoreg.errors import InputError
-from dinoreg.features.mind import mind_ssc, robust_normalise
-from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam
 from dinoreg.core.transforms import Transform
-from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result, prepare_working_pair, register_method)
+from dinoreg.errors import InputError
+from dinoreg.features.dino import dino_feature_pair
+from dinoreg.features.mind import mind_ssc, robust_normalise
+from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result,
+                                  prepare_working_pair, register_method)
+from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam
 
 STAGE_RESAMPLE = "resampling"
 STAGE_FEATURES = "features"
@@ -208,7 +210,6 @@ def dino_pair(pair: WorkingPair, params: dict[str, Any], problem: RegistrationPr
     availability = dino_module_availability(str(params["model"]))
     if not availability.ok:
         raise InputError(availability.reason)
-    from dinoreg.features.dino import dino_feature_pair
 
     dino_params = {key: params[key] for key in DINO_DEFAULTS}
     return dino_feature_pair(pair.fixed, pair.moving, pair.grid, pair.fixed_mask, pair.moving_mask, dino_params,

@@ -19,15 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 from dinoreg.networks.base import RegistrationNetwork
+from dinoreg.networks.dino_vitvnet import DinoEncoderDecoder, DinoViTVNet
+from dinoreg.networks.fmir import FMIRHead
+from dinoreg.networks.unet import VoxelMorphUNet
+from dinoreg.networks.vitvnet import ViTVNet
 
 
 def network_classes() -> dict[str, type[RegistrationNetwork]]:
     """Network name -> class (imported here so that importing the package stays light)."""
-    from dinoreg.networks.dino_vitvnet import DinoEncoderDecoder, DinoViTVNet
-    from dinoreg.networks.fmir import FMIRHead
-    from dinoreg.networks.unet import VoxelMorphUNet
-    from dinoreg.networks.vitvnet import ViTVNet
-
     return {cls.name: cls for cls in (FMIRHead, VoxelMorphUNet, ViTVNet, DinoViTVNet, DinoEncoderDecoder)}
 
 

@@ -42,13 +42,13 @@ class MindBackend(FeatureBackend):
     kind = "mind"
 
     def __init__(self, radius: int = 1, dilation: int = 2) -> None:
-        from dinoreg.features.mind import MIND_CHANNELS
+        from dinoreg.features.mind import MIND_CHANNELS  # lazy: imports SimpleITK, numpy
 
         self.radius, self.dilation = int(radius), int(dilation)
         self.channels = MIND_CHANNELS
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from dinoreg.features.mind import mind_ssc
+        from dinoreg.features.mind import mind_ssc  # lazy: imports SimpleITK, numpy
 
         with torch.no_grad():
             return torch.cat([mind_ssc(image[None].float(), None, self.radius, self.dilation) for image in images])
@@ -70,7 +70,7 @@ class DinoBackend(FeatureBackend):
     kind = "dino"
 
     def __init__(self, model: str, token_voxels: int = 4, slice_stride: int = 2) -> None:
-        from dinoreg.features.dino import load_backbone
+        from dinoreg.features.dino import load_backbone  # lazy: imports SimpleITK, numpy
 
         self.model, self.token_voxels, self.slice_stride = str(model), int(token_voxels), int(slice_stride)
         backbone = load_backbone(self.model, "cpu")
@@ -78,12 +78,12 @@ class DinoBackend(FeatureBackend):
         self.family, self.patch_size, self.source = backbone.family, backbone.patch_size, backbone.source
 
     def backbone(self, device: torch.device):
-        from dinoreg.features.dino import load_backbone
+        from dinoreg.features.dino import load_backbone  # lazy: imports SimpleITK, numpy
 
         return load_backbone(self.model, device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from dinoreg.features.dino.backbones import imagenet_normalise
+        from dinoreg.features.dino.backbones import imagenet_normalise  # lazy: imports SimpleITK, numpy
 
         backbone = self.backbone(images.device)
         n, _, depth, height, width = images.shape

@@ -39,7 +39,7 @@ class DinoViTVNet(RegistrationNetwork):
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         super().__init__(config)
-        from dinoreg.features.dino import load_backbone
+        from dinoreg.features.dino import load_backbone  # lazy: imports SimpleITK, numpy
 
         encoder, decoder = [int(v) for v in self.config["encoder"]], [int(v) for v in self.config["decoder"]]
         if len(encoder) != 3 or len(decoder) != 3:
@@ -71,7 +71,7 @@ class DinoViTVNet(RegistrationNetwork):
 
     def encode_slices(self, fused: torch.Tensor, token_shape: tuple[int, int, int]) -> torch.Tensor:
         """DINO tokens of slices of the 3-channel volume ``fused (N, 3, D/2, H/2, W/2)``: ``(N, C, D/8, H/8, W/8)``."""
-        from dinoreg.features.dino import load_backbone
+        from dinoreg.features.dino import load_backbone  # lazy: imports SimpleITK, numpy
 
         backbone = load_backbone(str(self.config["dino_model"]), fused.device)
         n, _, depth = fused.shape[:3]

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from dinoreg.errors import RegistrationFailed
 from dinoreg.core.itk_files import sitk_part_to_step
-from dinoreg.progress import Progress
 from dinoreg.core.transforms import AffineMap, Transform
 from dinoreg.core.volume import Volume
+from dinoreg.errors import RegistrationFailed
+from dinoreg.progress import Progress
 
 
 @dataclass

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from dinoreg.core import geometry
 from dinoreg.core.spatial import voxels_per_axis
 from dinoreg.errors import InputError
-from dinoreg.progress import Progress
 from dinoreg.optim.adam import Adam
+from dinoreg.progress import Progress
 
 #: progress stage names reported by :func:`convex_adam`
 STAGE_SEARCH = "convex search"

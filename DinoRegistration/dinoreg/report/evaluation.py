@@ -6,15 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from dinoreg.report import metrics
 from dinoreg.errors import InputError
+from dinoreg.io.landmarks import read_landmarks
+from dinoreg.report import metrics
 
 
 def evaluate_outputs(fixed_labels: str | None, warped_labels: str | None, label_list: str | None,
                      jacobian: str | None, transform: str | None, fixed_landmarks: str | None,
                      moving_landmarks: str | None) -> dict[str, Any]:
     """Evaluate whatever was given; returns a flat dict (plus per-label dicts)."""
-    from dinoreg.io.volumes import read_label_volume, read_volume
+    from dinoreg.io.volumes import read_label_volume, read_volume  # lazy: imports SimpleITK
 
     results: dict[str, Any] = {}
     if fixed_labels or warped_labels:
@@ -40,8 +41,7 @@ def evaluate_outputs(fixed_labels: str | None, warped_labels: str | None, label_
 def landmark_results(transform: str | None, fixed_landmarks: str | None, moving_landmarks: str | None) -> dict[str, Any]:
     import torch
 
-    from dinoreg.core.itk_files import read_transform
-    from dinoreg.io.landmarks import read_landmarks
+    from dinoreg.core.itk_files import read_transform  # lazy: imports SimpleITK, torch
 
     if not (transform and fixed_landmarks and moving_landmarks):
         raise InputError("landmark TRE needs --transform, --fixed-landmarks and --moving-landmarks")

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dinoreg.errors import InputError
+from dinoreg.errors import InputError, one_line
 from dinoreg.requirements import Availability
 from dinoreg.store.backbone_catalog import ModelEntry, find_model, known_models
+from dinoreg.store.downloads import check_recorded_hash, download_verified, verify_hub_snapshot
 
 DEFAULT_MODEL = "facebook/dinov2-with-registers-small"
 DOWNLOAD_COMMAND = "dinoreg weights download"
@@ -244,8 +245,6 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
         raise InputError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with internet, "
                          f"or copy the model folder here and give its path")
     from huggingface_hub import HfApi, snapshot_download
-
-    from dinoreg.store.downloads import verify_hub_snapshot
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     cache = hf_cache_dir()
@@ -269,8 +268,6 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
 
 
 def _download_meta(entry: ModelEntry, convert: Callable[[Path, Path], Path]) -> Path:
-    from dinoreg.store.downloads import check_recorded_hash, download_verified
-
     meta_dir = dino_cache_dir() / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = meta_dir / str(entry.meta_filename)

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dinoreg import __version__
 from dinoreg.errors import InputError
-from dinoreg.store.downloads import sha256_of
 from dinoreg.store.cards import CARD_FORMAT, check_card, default_preprocessing
+from dinoreg.store.downloads import sha256_of
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
@@ -55,7 +56,6 @@ def save_model(destination: str | Path, network: Any, card: dict[str, Any] | Non
     """
     from safetensors.torch import save_file
 
-    from dinoreg import __version__
 
     card = dict(card or {})
     destination = Path(destination).expanduser()

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from dinoreg.errors import InputError
-from dinoreg.training.config import TrainingConfig
+from dinoreg.store import locate_model, read_card, save_model
+from dinoreg.training.checkpoint import load_checkpoint
+from dinoreg.training.config import TrainingConfig, parse_config
+from dinoreg.training.distributed import hardware_description
+from dinoreg.training.networks import build_training_network
 
 #: synthesised brains and the real validation pair are LIA-indexed arrays (axis 0 L, 1 I, 2 A); the
 #: engine's tensors are [k, j, i], so the model grid's (i, j, k) axes must point A, I, L
@@ -69,8 +73,6 @@ def model_card(config: TrainingConfig, steps: int, wall_s: float, history: list,
 def export_trained_model(network: torch.nn.Module, config: TrainingConfig, output: Path, steps: int, wall_s: float,
                          history: list, hardware: str) -> Path:
     """Write ``output/model.safetensors`` + ``output/model.json``; returns the weights path."""
-    from dinoreg.store import save_model
-
     previous = None
     if config.run.init_model:
         card = read_model_card(config.run.init_model)
@@ -83,19 +85,12 @@ def export_trained_model(network: torch.nn.Module, config: TrainingConfig, outpu
 
 def read_model_card(name_or_path: str) -> dict:
     """The card of a stored model (a name from 'dinoreg models list', or a .json/.safetensors path)."""
-    from dinoreg.store import locate_model, read_card
-
     return read_card(locate_model(name_or_path)[1])
 
 
 def export_checkpoint(run_folder: Path, destination: Path) -> Path:
     """The model of a run's latest ``checkpoint.pt`` (e.g. of a run still going) saved as
     ``destination/model.safetensors`` + ``model.json``; the card says which step it is."""
-    from dinoreg.training.checkpoint import load_checkpoint
-    from dinoreg.training.config import parse_config
-    from dinoreg.training.networks import build_training_network
-    from dinoreg.training.distributed import hardware_description
-
     state = load_checkpoint(Path(run_folder))
     if state is None:
         raise InputError(f"no checkpoint.pt in {run_folder}: nothing to export")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from dinoreg.errors import InputError
+from dinoreg.networks import build_network
 
 
 def build_training_network(name: str, config: dict) -> torch.nn.Module:
     """The network ``name`` with ``config`` (forward(fixed, moving) -> voxel field); one-line error otherwise."""
-    from dinoreg.networks import build_network
-
     try:
         return build_network(name, dict(config))
     except ValueError as error:

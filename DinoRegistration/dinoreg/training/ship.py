@@ -14,11 +14,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from dinoreg.store import read_card, sha256_of
+from dinoreg.store.networks import REGISTRY_FILE, SHIPPED_DIR
+
 
 def ship(run_dir: Path, name: str) -> Path:
-    from dinoreg.store import read_card, sha256_of
-    from dinoreg.store.networks import REGISTRY_FILE, SHIPPED_DIR
-
     weights = run_dir / "model.safetensors"
     card = read_card(run_dir / "model.json")
     card["name"] = name

@@ -23,11 +23,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dinoreg.core.geometry import warp
+from dinoreg.data.sources import default_cache, make_source
 from dinoreg.errors import InputError
+from dinoreg.losses import RegistrationLoss, dice_loss, one_hot
+from dinoreg.store import read_model_files
 from dinoreg.training.checkpoint import load_checkpoint, save_checkpoint
 from dinoreg.training.config import TrainingConfig
 from dinoreg.training.distributed import (DistributedContext, hardware_description, setup_distributed,
                                           teardown_distributed)
+from dinoreg.training.export import export_trained_model
 from dinoreg.training.networks import build_training_network, shape_multiple
 
 
@@ -83,15 +88,16 @@ class CsvLog:
 
 def validation_pairs(config: TrainingConfig, source: Any, cache: Path) -> list:
     """The labelled pairs of ``run.validation`` (empty for ``none``)."""
-    from dinoreg.training.validation import LabelledPair
+    from dinoreg.training.validation import LabelledPair  # lazy: imports SimpleITK, scipy
 
     if config.run.validation == "real-brains":
-        from dinoreg.data.real_pairs import real_pairs
+        from dinoreg.data.real_pairs import real_pairs  # lazy: imports SimpleITK, scipy
 
         return [LabelledPair(p.name, p.fixed, p.moving, p.fixed_labels, p.moving_labels) for p in real_pairs(cache)]
     if config.run.validation == "data":
         if config.run.validation_path:
-            from dinoreg.data.volumes import VolumePairSampler, csv_entries, folder_entries
+            from dinoreg.data.volumes import (VolumePairSampler, csv_entries,  # lazy: imports SimpleITK, scipy
+                                              folder_entries)
 
             path = Path(config.run.validation_path)
             entries = csv_entries(path) if path.suffix.lower() == ".csv" else folder_entries(path, config.data.labels_path)
@@ -120,9 +126,6 @@ class TrainingLoss:
         self.parts: dict[str, float] = {}
 
     def __call__(self, fixed, moving, field, fixed_labels=None, moving_labels=None, truth=None) -> torch.Tensor:
-        from dinoreg.core.geometry import warp
-        from dinoreg.losses import dice_loss, one_hot
-
         total = self.image_terms(fixed, moving, field)
         self.parts = dict(self.image_terms.parts)
         if self.dice_weight and fixed_labels is not None and moving_labels is not None:
@@ -142,9 +145,7 @@ class TrainingLoss:
 def train(config: TrainingConfig, output: Path, resume: bool = False, progress_bar: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> Path | None:
     """Run (or resume) a training; returns the saved model's ``.safetensors`` path (rank 0), else None."""
-    from dinoreg.data.sources import default_cache, make_source
-    from dinoreg.losses import RegistrationLoss
-    from dinoreg.core.spatial import resolve_device
+    from dinoreg.core.spatial import resolve_device  # lazy: imports SimpleITK
 
     output = Path(output)
     device = resolve_device(config.run.device)
@@ -227,11 +228,11 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
 
     def run_validation() -> None:
         if context.is_main and val_pairs:
-            from dinoreg.training.validation import validate
+            from dinoreg.training.validation import validate  # lazy: imports SimpleITK, scipy
 
             ids = label_ids if config.data.source != "random-shapes" else sorted({int(v) for p in val_pairs for v in np.unique(p.fixed_labels)} - {0})
             if config.run.validation == "real-brains":
-                from dinoreg.data.synthesis import EVAL_LABELS
+                from dinoreg.data.synthesis import EVAL_LABELS  # lazy: imports SimpleITK, scipy
 
                 ids = EVAL_LABELS
             scores = validate(network, val_pairs, config.data.spacing_mm, ids, device)
@@ -304,7 +305,6 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
     record_rank_agreement(network, context, output, first_loss)
     if not context.is_main:
         return None
-    from dinoreg.training.export import export_trained_model
 
     return export_trained_model(network, config, output, step, wall(), history, hardware_description(device, context.world_size))
 
@@ -352,8 +352,6 @@ def record_rank_agreement(network: torch.nn.Module, context: DistributedContext,
 
 def load_initial_weights(network: torch.nn.Module, name_or_path: str) -> None:
     """Start from a saved model's weights (fine-tuning): a shipped model name or a .safetensors path."""
-    from dinoreg.store import read_model_files
-
     state, _, _ = read_model_files(name_or_path)  # SHA-256 checked like every other reader
     missing, unexpected = network.load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(list(network.state_dict())):

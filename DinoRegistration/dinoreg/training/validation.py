@@ -8,16 +8,15 @@ product does with a full-resolution transform. Dice is averaged over the labels 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinoreg.data.pairs import LabelledPair
-from dinoreg.data.brain_pairs import normalise_foreground
 from dinoreg.core.geometry import warp
+from dinoreg.data.brain_pairs import normalise_foreground
+from dinoreg.data.pairs import LabelledPair
 
 
 def mean_dice(fixed_labels: torch.Tensor, warped_labels: torch.Tensor, label_ids: Sequence[int]) -> float:

@@ -48,7 +48,8 @@ below are therefore written by hand and kept equal to MONAI's by tests.
 
 from __future__ import annotations
 
-from dinoreg.core.geometry.fields import (compose, from_ijk_channels, identity_grid, integrate_velocity, invert, resize_field, to_ijk_channels, upsample_field, warp)
+from dinoreg.core.geometry.fields import (compose, from_ijk_channels, identity_grid, integrate_velocity, invert,
+                                          resize_field, to_ijk_channels, upsample_field, warp)
 from dinoreg.core.geometry.jacobian import jacobian_determinant
 from dinoreg.core.geometry.penalties import bending_energy, diffusion_gradient, diffusion_penalty
 from dinoreg.core.geometry.sampling import grid_sample_3d

@@ -11,7 +11,8 @@ transformers is imported only when a model is loaded, so importing this package 
 
 from __future__ import annotations
 
-from dinoreg.features.dino.backbones import Backbone, clear_cache, download_backbone, forget_loaded_backbones, load_backbone
+from dinoreg.features.dino.backbones import (Backbone, clear_cache, download_backbone, forget_loaded_backbones,
+                                             load_backbone)
 from dinoreg.features.dino.slicewise import DEFAULT_PARAMS, DinoSettings, dino_feature_pair, effective_settings
 from dinoreg.store.backbones import DEFAULT_MODEL, dino_availability, download_model, resolve_model
 

@@ -17,11 +17,11 @@ from typing import Iterator
 
 import torch
 
-from dinoreg.errors import InputError
+from dinoreg.errors import InputError, one_line
+from dinoreg.features.dino.meta_checkpoint import convert_meta_state_dict, read_checkpoint
 from dinoreg.store import backbones as store
 from dinoreg.store.backbones import (DOWNLOAD_COMMAND, ModelSource, download_model, hub_offline, missing_model_message,
                                      resolve_model)
-from dinoreg.errors import one_line
 
 SUPPORTED_MODEL_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2", "dinov3_vit": "dinov3"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -208,8 +208,6 @@ def load_hf_folder(folder: str | Path) -> torch.nn.Module:
 
 def load_meta_checkpoint(path: str | Path, num_heads: int | None = None) -> torch.nn.Module:
     """A transformers model converted on load from a Meta ``.pth`` (see ``meta_checkpoint``)."""
-    from dinoreg.features.dino.meta_checkpoint import convert_meta_state_dict, read_checkpoint
-
     state = read_checkpoint(path)
     config, model_class, converted = convert_meta_state_dict(state, str(path), num_heads=num_heads)
     with quiet_transformers():

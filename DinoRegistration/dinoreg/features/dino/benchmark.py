@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinoreg.core.volume import Volume
+from dinoreg.features.dino.backbones import quiet_transformers
+from dinoreg.features.dino.slicewise import dino_feature_pair, effective_settings
 from dinoreg.peak_memory import peak_rss_mb
 from dinoreg.progress import Progress
-from dinoreg.core.volume import Volume
-from dinoreg.features.dino.slicewise import dino_feature_pair, effective_settings
 
 
 def random_vits14_reg4(folder: Path) -> str:
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    from dinoreg.features.dino.backbones import quiet_transformers
 
     config = Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
                                        image_size=518, num_register_tokens=4)

@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from dinoreg.errors import InputError
-from dinoreg.errors import one_line
+from dinoreg.errors import InputError, one_line
 
 HEAD_DIM = 64
 WRAPPER_KEYS = ("model", "teacher", "state_dict", "module")

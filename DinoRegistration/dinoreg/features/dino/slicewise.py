@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinoreg.errors import InputError
-from dinoreg.progress import Progress
 from dinoreg.core.volume import Grid
+from dinoreg.errors import InputError
 from dinoreg.features.dino.backbones import Backbone, imagenet_normalise, load_backbone
 from dinoreg.features.dino.intensity import foreground, normalise_intensity
 from dinoreg.features.dino.pca import JointPCA
+from dinoreg.progress import Progress
 from dinoreg.store.backbones import DEFAULT_MODEL
 
 #: defaults of the parameters read by :func:`dino_feature_pair`; 0 means "chosen for the device"
