@@ -160,7 +160,7 @@ def test_one_mask_does_not_change_the_normalisation_of_one_image_only(pooling_ba
     problem = RegistrationProblem(volume_, volume_, volume_.with_array(mask[0, 0].numpy()), None)
     pair = prepare_working_pair(problem, Transform(), 0.0)
     fixed_region, moving_region = zeroshot.normalisation_masks(pair)
-    from dinoreg.features.mind import robust_normalise
+    from dinoreg.core.intensity import robust_normalise
 
     torch.testing.assert_close(robust_normalise(pair.fixed, fixed_region), robust_normalise(pair.moving, moving_region))
 

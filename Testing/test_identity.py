@@ -26,9 +26,9 @@ def brain_3mm(brain_scan):
 def assert_identity(volume, transform: Transform, label: str) -> None:
     moved = transform.mapped_points(volume.grid) - spatial.grid_points(volume.grid)
     length = (moved.norm(dim=-1) / float(volume.grid.spacing.min())).numpy()
-    from dinoreg.core.transforms import jacobian_determinant
+    from dinoreg.core.transforms import transform_jacobian
 
-    jacobian = jacobian_determinant(transform, volume.grid)
+    jacobian = transform_jacobian(transform, volume.grid)
     print(f"{label}: mean {length.mean():.4f} max {length.max():.4f} voxel, J [{jacobian.min():.4f}, {jacobian.max():.4f}]")
     assert length.mean() < 0.1, label
     assert length.max() < 0.5, label

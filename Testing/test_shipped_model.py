@@ -21,7 +21,7 @@ def shipped_model_present():
 
     info = find_model(SHIPPED)
     if info is None or info.source != "shipped":
-        pytest.skip(f"no shipped model '{SHIPPED}' in models/registry.json yet")
+        pytest.skip(f"no shipped model '{SHIPPED}' in store/networks.json yet")
 
 
 def test_shipped_model_is_listed_with_its_card(capsys):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from dinoreg.core import geometry
 from dinoreg.core import spatial
 from dinoreg.errors import Cancelled, InputError
-from dinoreg.features.mind import MIND_CHANNELS, mind_ssc, robust_normalise
+from dinoreg.core.intensity import robust_normalise
+from dinoreg.features.mind import MIND_CHANNELS, mind_ssc
 from dinoreg.core.spatial import voxels_per_axis
 from dinoreg.methods import zeroshot
 from dinoreg.methods.base import RegistrationProblem

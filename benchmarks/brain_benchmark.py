@@ -223,10 +223,10 @@ def run_engine(spec: MethodSpec, pair: Pair, device: str) -> dict[str, Any]:
     """One engine registration; timings and memory from the child process and the engine report."""
     from dinoreg.app.pipeline import RegistrationOptions, register
 
-    fixed = synthesize.read_volume(pair.fixed.image)
-    moving = synthesize.read_volume(pair.moving.image)
-    moving_labels = synthesize.read_volume(pair.moving.labels)
-    fixed_labels = synthesize.read_volume(pair.fixed.labels)
+    fixed = synthesize.read_cached_volume(pair.fixed.image)
+    moving = synthesize.read_cached_volume(pair.moving.image)
+    moving_labels = synthesize.read_cached_volume(pair.moving.labels)
+    fixed_labels = synthesize.read_cached_volume(pair.fixed.labels)
     baseline = peak_ram_mb()
     options = RegistrationOptions(method=spec.name, preset=spec.preset, params=dict(spec.params), device=device,
                                   compute_inverse=False, compute_jacobian=True)
@@ -252,7 +252,7 @@ def run_ants(spec: MethodSpec, pair: Pair) -> dict[str, Any]:
     fixed = ants.image_read(str(pair.fixed.image))
     moving = ants.image_read(str(pair.moving.image))
     moving_labels = ants.image_read(str(pair.moving.labels))
-    fixed_labels = synthesize.read_volume(pair.fixed.labels)
+    fixed_labels = synthesize.read_cached_volume(pair.fixed.labels)
     baseline = peak_ram_mb()
     kwargs = {"type_of_transform": "SyN", **spec.params}
     started = time.perf_counter()

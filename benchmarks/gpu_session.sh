@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ONE prepared run for a lent GPU (the `device` tool; issues 8 and 9). It needs no internet:
 #   1. installs the wheels carried in .whl/ (the GPU image has torch, transformers, safetensors,
-#      scipy, pytest, but not SimpleITK or MONAI; nibabel is only needed for data not carried) into /tmp/site;
+#      scipy, pytest, but not SimpleITK or MONAI; nibabel is only needed for data not carried) into $WORK/site;
 #   2. runs the CUDA test(s) and registers the demo pair with mind-zeroshot on the GPU (first CUDA run);
 #   3. times every network's forward pass on the GPU (benchmarks/network_speed.py --device cuda);
 #   4. trains the brain unet (configs/unet-synthseg-gpu.toml, bf16 autocast) for TRAIN_SECONDS, then
@@ -18,18 +18,19 @@
 #   cp ../shared/data/synthseg/*.npy .train-cache/shared/synthseg/
 #   mkdir -p .train-cache/shared/brain && cp ../shared/data/brain/test_scan.npz .train-cache/shared/brain/   # network_speed --whole
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".train-cache"], timeout_s=560)
-# Tested here on the CPU with: OUT=/tmp/gpu-out TRAIN_SECONDS=30 bash benchmarks/gpu_session.sh
+# Tested here on the CPU with: TRAIN_SECONDS=30 bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/gpu-out}"
+WORK="${WORK:-$(mktemp -d -t dinoreg-gpu.XXXXXX)}"  # scratch: carried wheels and the training run
+OUT="${OUT:-$WORK/out}"
 TRAIN_SECONDS="${TRAIN_SECONDS:-240}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
+  export PYTHONPATH="$WORK/site"
 fi
 export PYTHONPATH="$PWD/DinoRegistration${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .train-cache ]; then  # carried: prepared label maps (training/) and SynthSeg's label tables (shared/synthseg/)
@@ -44,22 +45,22 @@ echo "== CUDA tests"
 
 echo "== mind-zeroshot on the demo pair, device auto (the GPU when there is one)"
 /usr/bin/time -f "whole process %e s, peak RSS %M KB" "$PYTHON" -m dinoreg register \
-  Resources/Demo/MRBrainTumor1.nii.gz Resources/Demo/MRBrainTumor2.nii.gz -o /tmp/gpu-demo --quiet
-"$PYTHON" -c "import json; r = json.load(open('/tmp/gpu-demo/report.json')); print(r['device'], r['seconds_per_stage'], 'total', r['seconds_total'], 's; NCC', r['similarity_before']['ncc'], '->', r['similarity_after']['ncc'], '; GPU MB', r['peak_gpu_mb'])"
+  Resources/Demo/MRBrainTumor1.nii.gz Resources/Demo/MRBrainTumor2.nii.gz -o "$WORK/demo" --quiet
+"$PYTHON" -c "import json; r = json.load(open('$WORK/demo/report.json')); print(r['device'], r['seconds_per_stage'], 'total', r['seconds_total'], 's; NCC', r['similarity_before']['ncc'], '->', r['similarity_after']['ncc'], '; GPU MB', r['peak_gpu_mb'])"
 
 echo "== network forward passes"
 "$PYTHON" benchmarks/network_speed.py --device "$DEVICE" --repeats 5 --whole unet --output "$OUT/network_speed.md" 2>&1 | tail -20
 
 echo "== training for $TRAIN_SECONDS s"
-rm -rf /tmp/gpu-run
+rm -rf "$WORK/run"
 timeout -s TERM "$TRAIN_SECONDS" "$PYTHON" -m dinoreg train --config configs/unet-synthseg-gpu.toml \
-  --output /tmp/gpu-run --quiet
-tail -3 /tmp/gpu-run/log.csv 2>/dev/null
-grep "val/dice," /tmp/gpu-run/log.csv 2>/dev/null
+  --output "$WORK/run" --quiet
+tail -3 "$WORK/run/log.csv" 2>/dev/null
+grep "val/dice," "$WORK/run/log.csv" 2>/dev/null
 "$PYTHON" -c "
 from pathlib import Path
 from dinoreg.training.export import export_checkpoint
-print('exported', export_checkpoint(Path('/tmp/gpu-run'), Path('$OUT')))" || echo "export failed"
-cp /tmp/gpu-run/log.csv "$OUT/train_log.csv" 2>/dev/null
-cp /tmp/gpu-run/checkpoint.pt "$OUT/checkpoint.pt" 2>/dev/null
+print('exported', export_checkpoint(Path('$WORK/run'), Path('$OUT')))" || echo "export failed"
+cp "$WORK/run/log.csv" "$OUT/train_log.csv" 2>/dev/null
+cp "$WORK/run/checkpoint.pt" "$OUT/checkpoint.pt" 2>/dev/null
 echo "== done"; date -u

@@ -15,7 +15,7 @@ script skips finished runs, then writes ``pretraining_study.png`` and prints a M
 
 Usage::
 
-    python benchmarks/pretraining_study.py --output /work/train-runs/study [--steps 600 --pretrain-steps 200]
+    python benchmarks/pretraining_study.py --output runs/study [--steps 600 --pretrain-steps 200]
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ def peak_rss_mb() -> float | None:
 
 
 def _windows_peak_bytes() -> int:
-    import ctypes
-    from ctypes import wintypes
+    import ctypes  # platform-specific: Windows only
+    from ctypes import wintypes  # platform-specific: Windows only
 
     class Counters(ctypes.Structure):
         _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib import metadata
+from importlib.util import find_spec
 from typing import Callable, Dict, List, Optional, Tuple
 
 #: import name -> pip requirement (distribution name and minimum version)
@@ -61,7 +63,6 @@ def is_at_least(installed: str, minimum: Optional[str]) -> bool:
 
 def installed_version(import_name: str) -> Optional[str]:
     """Version of the installed distribution behind ``import_name``, or None if it is not installed."""
-    from importlib import metadata
 
     distribution = split_requirement(ENGINE_REQUIREMENTS.get(import_name, import_name))[0]
     for candidate in (distribution, distribution.replace("_", "-")):
@@ -74,7 +75,6 @@ def installed_version(import_name: str) -> Optional[str]:
 
 def importable(import_name: str) -> bool:
     """True if ``import_name`` can be imported here (without importing it)."""
-    from importlib.util import find_spec
 
     try:
         return find_spec(import_name) is not None

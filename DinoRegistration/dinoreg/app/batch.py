@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -140,7 +143,7 @@ def run_pair(pair: BatchPair, outdir: str, settings: BatchSettings) -> dict[str,
     folder = Path(outdir) / pair.name
     try:
         if settings.threads > 0:
-            import torch
+            import torch  # lazy: torch is not needed to start this command
 
             torch.set_num_threads(settings.threads)
         report = register_pair(pair, folder, settings)
@@ -255,10 +258,6 @@ def run_batch(pairs: list[BatchPair], outdir: str | os.PathLike, settings: Batch
 def run_in_process_pool(pairs: list[BatchPair], outdir: Path, settings: BatchSettings,
                         workers: int) -> Iterable[dict[str, Any]]:
     """Local worker processes (``spawn``: safe with torch threads); a crashed worker fails only its pair."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
     if settings.threads <= 0:
         settings = BatchSettings(**{**asdict(settings), "threads": max(1, (os.cpu_count() or 1) // workers)})
     remaining = list(pairs)
@@ -287,10 +286,6 @@ def run_in_process_pool(pairs: list[BatchPair], outdir: Path, settings: BatchSet
 
 
 def retry_alone(pairs: list[BatchPair], outdir: Path, settings: BatchSettings) -> Iterable[dict[str, Any]]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     for pair in pairs:
         remove_stale_staging(outdir, pair)
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -307,7 +302,7 @@ def run_on_dask(pairs: list[BatchPair], outdir: Path, settings: BatchSettings, s
     The output folder must be visible to the workers at the same path (a shared file system).
     """
     try:
-        from distributed import Client, as_completed
+        from distributed import Client, as_completed  # optional: Dask cluster runs only
     except ImportError:
         raise InputError("--scheduler needs Dask distributed: pip install 'dask[distributed]'") from None
     try:

@@ -19,7 +19,7 @@ from dinoreg import __version__
 from dinoreg.app.input_checks import check_registration_inputs
 from dinoreg.core.intensity import foreground, normalise, robust_range
 from dinoreg.core.spatial import resolve_device
-from dinoreg.core.transforms import (DenseField, Transform, jacobian_determinant, resample_without_transform,
+from dinoreg.core.transforms import (DenseField, Transform, transform_jacobian, resample_without_transform,
                                      warp_volumes)
 from dinoreg.core.volume import Volume
 from dinoreg.errors import InputError, RegistrationFailed
@@ -155,7 +155,7 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     jacobian = None
     if options.compute_jacobian:
         progress.stage("jacobian")
-        jacobian = fixed.with_array(jacobian_determinant(transform, fixed.grid, device, mapped=mapped))
+        jacobian = fixed.with_array(transform_jacobian(transform, fixed.grid, device, mapped=mapped))
     del mapped
 
     intensities = NormalisedIntensities.of(fixed, moving, warped, moving_on_fixed_grid)

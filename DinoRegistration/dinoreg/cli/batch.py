@@ -50,7 +50,7 @@ def command_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(params=parse_params(args.param), use_affine=not args.no_affine, device=args.device)
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only when a terminal bar is shown
 
         bar = tqdm(total=len(pairs), unit="pair", file=sys.stderr)
 

@@ -23,7 +23,7 @@ def probe_devices() -> Dict[str, Any]:
     if "torch" in info["missing"]:
         return info
     try:
-        import torch
+        import torch  # lazy: torch is not needed to start this command
 
         info["torch"] = torch.__version__
         if torch.cuda.is_available():

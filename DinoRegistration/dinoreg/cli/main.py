@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 import threading
+from importlib.metadata import entry_points
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +24,7 @@ from dinoreg.cli.batch import add_batch_command
 from dinoreg.cli.devices import command_devices
 from dinoreg.cli.models import add_models_command, method_listing
 from dinoreg.cli.train import add_training_commands
+from dinoreg.cli.weights import add_weights_subcommand
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 from dinoreg.progress import Progress, done_event, error_event, print_event, progress_event
 
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     apply.set_defaults(func=command_apply)
 
-    add_weights_command(sub)
+    add_weights_subcommand(sub)
 
     add_models_command(sub)
 
@@ -148,15 +151,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, with_output: bool = True)
     parser.add_argument("--scene", help="also write a Slicer scene bundle (.mrb); needs the slicer-core package")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
-
-
-def add_weights_command(sub: Any) -> None:
-    """``dinoreg weights ...`` comes from the DINO feature backend (its own module)."""
-    try:
-        from dinoreg.cli.weights import add_weights_subcommand
-    except ImportError:
-        return
-    add_weights_subcommand(sub)
 
 
 # ---------------------------------------------------------------------------------------------- register
@@ -235,8 +229,8 @@ def read_landmark_pair(fixed_path: str | None, moving_path: str | None) -> tuple
 def landmark_report(result: Any, landmarks: tuple) -> dict[str, Any]:
     """Landmark distances (mm) before and after registration: moving points mapped onto the fixed image by
     the inverse transform (moving -> fixed), as the Slicer panel's Check section does."""
-    import numpy as np
-    import torch
+    import numpy as np  # lazy: not needed to start this command
+    import torch  # lazy: torch is not needed to start this command
 
     from dinoreg.io.landmarks import landmark_check  # lazy: imports numpy
 
@@ -256,7 +250,6 @@ SCENE_WRITERS = "dinoreg.scene_writers"
 
 def scene_writer() -> Callable[..., None]:
     """``write_scene_bundle(outdir, mrb_path, fixed_path, moving_path)`` from the installed plug-in."""
-    from importlib.metadata import entry_points
 
     found = entry_points()
     group = found.select(group=SCENE_WRITERS) if hasattr(found, "select") else found.get(SCENE_WRITERS, [])
@@ -268,9 +261,7 @@ def scene_writer() -> Callable[..., None]:
 
 
 def check_scene_support() -> None:
-    try:
-        import slicer  # noqa: F401  (slicer-core, optional)
-    except ImportError:
+    if find_spec("slicer") is None:  # slicer-core, optional: looked up, never imported by the engine
         raise InputError("--scene needs Slicer's MRML libraries: pip install slicer-core, or drop --scene") from None
     scene_writer()
 
@@ -301,7 +292,7 @@ class progress_display:
             return self.print_json
         if self.quiet:
             return None
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only when a terminal bar is shown
 
         self.bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<28} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         return self.update_bar

@@ -13,7 +13,9 @@ NAME`` uses it. Run them under
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,8 +103,6 @@ def command_finetune(args: argparse.Namespace) -> int:
 
 def install_model(weights: Path, name: str) -> Path:
     """Copy a trained model into the models folder as ``name`` (card's name updated; hash unchanged)."""
-    import json
-    import shutil
 
 
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):

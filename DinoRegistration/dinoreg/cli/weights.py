@@ -129,10 +129,9 @@ def verify_model(spec: str) -> str:
 
     Never downloads: a model that is not installed is reported with the command that fetches it.
     """
-    import torch
+    import torch  # lazy: torch is not needed to start this command
 
-    from dinoreg.features.dino.backbones import (imagenet_normalise,  # lazy: imports SimpleITK, numpy, torch
-                                                 load_backbone)
+    from dinoreg.features.dino.backbones import imagenet_normalise, load_backbone  # lazy: imports torch
 
     try:
         source = resolve_model(spec)

@@ -265,7 +265,7 @@ def cast_like(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return array.astype(dtype)
 
 
-def jacobian_determinant(transform: Transform, grid: Grid, device: torch.device | str = "cpu",
+def transform_jacobian(transform: Transform, grid: Grid, device: torch.device | str = "cpu",
                          slab: int = 16, mapped: torch.Tensor | None = None) -> np.ndarray:
     """Determinant of the Jacobian of ``transform`` at each voxel of ``grid`` (float32, [k, j, i]).
 

@@ -35,7 +35,7 @@ class FeatureCache:
         return digest.hexdigest()
 
     def get(self, image: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save_file  # lazy: only when model weights are read or written
 
         path = self.folder / f"{self.key(image)}.safetensors"
         if path.exists():

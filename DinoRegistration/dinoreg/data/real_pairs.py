@@ -45,8 +45,8 @@ def oasis_subject() -> tuple[np.ndarray, np.ndarray]:
 
 def mne_subject() -> tuple[np.ndarray, np.ndarray]:
     """MNE sample T1 (float32, [0, 1]) and its aseg on the 1 mm grid (EVAL_LABELS), LIA 160x192x224."""
-    import nibabel as nib
-    from scipy import ndimage
+    import nibabel as nib  # lazy: only for NIfTI/MGZ header checks
+    from scipy import ndimage  # lazy: only for this computation
 
     folder = synthesis.SHARED_DATA / "brain"
     brain = nib.load(str(folder / "mne_sample_brain.mgz"))
@@ -78,7 +78,7 @@ def align(fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> t
 
 def affine_transform(fixed, moving):
     """The engine's rigid-then-affine stage (fixed -> moving), as ``dinoreg register`` runs it."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: not needed to start this command
 
     from dinoreg.optim import affine  # lazy: imports torch
 

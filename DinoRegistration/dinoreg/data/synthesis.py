@@ -81,16 +81,15 @@ from scipy import ndimage
 
 from dinoreg.core.volume import Grid, Volume
 
+#: the repository checkout this package sits in (DinoRegistration/dinoreg/data/synthesis.py -> repository)
 REPO = Path(__file__).resolve().parents[3]
 
 
 def find_shared_data() -> Path:
-    """``$DINOREG_SHARED_DATA``, else the first ``shared/data`` folder beside the repository or above it."""
-    if "DINOREG_SHARED_DATA" in os.environ:
-        return Path(os.environ["DINOREG_SHARED_DATA"])
-    for folder in REPO.parents:
-        if (folder / "shared" / "data").is_dir():
-            return folder / "shared" / "data"
+    """Where the training/benchmark data lives: ``$DINOREG_SHARED_DATA``, else ``shared/data`` beside the
+    repository checkout (``<repository>/../shared/data``, this project's layout). No search: one documented place."""
+    if os.environ.get("DINOREG_SHARED_DATA"):
+        return Path(os.environ["DINOREG_SHARED_DATA"]).expanduser()
     return REPO.parent / "shared" / "data"
 
 
@@ -173,7 +172,7 @@ def lia_volume(array_lia: np.ndarray) -> Volume:
 
 def load_lia_labels(path: Path) -> np.ndarray:
     """A label map as an int16 array in LIA voxel order (reoriented from its header if needed)."""
-    import nibabel as nib
+    import nibabel as nib  # lazy: only for NIfTI/MGZ header checks
 
     image = nib.load(str(path))
     current = nib.orientations.io_orientation(image.affine)
@@ -249,7 +248,7 @@ def write_nifti(volume: Volume, path: Path) -> None:
     sitk.WriteImage(volume.to_sitk(), str(path))
 
 
-def read_volume(path: Path) -> Volume:
+def read_cached_volume(path: Path) -> Volume:
     """A cached NIfTI as a Volume (LPS geometry from the header)."""
     return Volume.from_sitk(sitk.ReadImage(str(path)))
 
@@ -316,7 +315,7 @@ if __name__ == "__main__":
 
         figure, axes = plt.subplots(len(made), 3, figsize=(9, 3 * len(made)))
         for row, subject in zip(np.atleast_2d(axes), made):
-            lia = read_volume(subject.image).array.transpose(2, 1, 0)
+            lia = read_cached_volume(subject.image).array.transpose(2, 1, 0)
             mid = [s // 2 for s in lia.shape]
             views = (lia[mid[0]], lia[:, mid[1]].T, lia[:, :, mid[2]].T)  # sagittal, axial, coronal
             for axis, image in zip(row, views):

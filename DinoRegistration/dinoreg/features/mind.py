@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinoreg.core.intensity import robust_range
 from dinoreg.core.spatial import voxels_per_axis
 from dinoreg.errors import InputError
 
@@ -49,7 +48,7 @@ def fill_outside_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     scipy's Euclidean distance transform (in voxel units) on the CPU. ``image`` and ``mask`` are
     ``(1, 1, K, J, I)``; a mask without any voxel inside returns the image unchanged.
     """
-    from scipy.ndimage import distance_transform_edt
+    from scipy.ndimage import distance_transform_edt  # lazy: only for this computation
 
     inside = (mask[0, 0] > 0.5).cpu().numpy()
     if not inside.any() or inside.all():
@@ -118,20 +117,3 @@ def mind_ssc(image: torch.Tensor, mask: torch.Tensor | None = None, radius: int 
         return torch.ones_like(distance)
     variance = variance.clamp_(mean_variance * 1e-3, mean_variance * 1e3)
     return distance.div_(variance).neg_().exp_()
-
-
-def robust_normalise(image: torch.Tensor, mask: torch.Tensor | None = None, low_percent: float = 0.5,
-                     high_percent: float = 99.5) -> torch.Tensor:
-    """Clip intensities to robust percentiles of the foreground and scale them to [0, 1].
-
-    The foreground is ``mask`` when given, else every voxel above the image minimum (so padding and
-    skull-stripped background do not drag the percentiles down). Percentiles are in percent.
-    Estimated on at most ~2 million voxels (a regular subsample) to stay fast on large volumes.
-    """
-    if not 0.0 <= low_percent < high_percent <= 100.0:
-        raise InputError(f"intensity percentiles must satisfy 0 <= low < high <= 100 (got {low_percent}, {high_percent})")
-    region = None
-    if mask is not None and bool((mask > 0.5).any()):
-        region = (mask > 0.5).cpu().numpy()
-    low, high = robust_range(image.detach().float().cpu().numpy(), region, low_percent, high_percent)
-    return ((image.float() - float(low)) / float(high - low)).clamp_(0.0, 1.0)

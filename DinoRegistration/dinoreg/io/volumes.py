@@ -64,7 +64,7 @@ def check_nifti_finite(path: Path, role: str) -> None:
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         return
     try:
-        import nibabel
+        import nibabel  # lazy: only for NIfTI/MGZ header checks
 
         image = nibabel.load(str(path))
         if np.dtype(image.get_data_dtype()).kind != "f":
@@ -110,7 +110,7 @@ def check_file_complete(path: Path, role: str) -> None:
 
 
 def check_nifti_size(path: Path, file_bytes: int, role: str) -> None:
-    import nibabel
+    import nibabel  # lazy: only for NIfTI/MGZ header checks
 
     try:
         header = nibabel.load(str(path)).header
@@ -152,7 +152,7 @@ def read_dicom_series(folder: Path, role: str) -> sitk.Image:
 def read_mgh(path: Path) -> Volume:
     """FreeSurfer .mgz/.mgh via nibabel; its RAS vox2ras becomes our LPS grid."""
     try:
-        import nibabel
+        import nibabel  # lazy: only for NIfTI/MGZ header checks
     except ImportError:
         raise InputError(f"'{path}' is a FreeSurfer file: install nibabel (pip install nibabel)") from None
     image = nibabel.load(str(path))

@@ -37,7 +37,8 @@ from dinoreg.core.spatial import (grid_points, physical_displacement_to_voxel, s
 from dinoreg.core.transforms import Transform, warp_volume
 from dinoreg.core.volume import Grid, Volume
 from dinoreg.errors import InputError
-from dinoreg.features.mind import mind_ssc, robust_normalise
+from dinoreg.core.intensity import robust_normalise
+from dinoreg.features.mind import mind_ssc
 from dinoreg.losses import local_ncc_loss
 from dinoreg.methods.base import (_REGISTRY, Availability, Method, RegistrationProblem, WorkingPair, dense_result,
                                   prepare_working_pair, register_method)
@@ -128,7 +129,7 @@ class LearnedMethod(Method):
                 pair = io_pair
                 fixed = normalise(pair.fixed, pair.fixed_mask, card["preprocessing"])
                 moving = normalise(pair.moving, pair.moving_mask, card["preprocessing"])
-            displacement = instance_optimisation(fixed, moving, displacement, pair, params, progress)
+            displacement = optimise_network_field(fixed, moving, displacement, pair, params, progress)
         progress.stage(STAGE_OUTPUT)
 
         return dense_result(to_ijk_channels(displacement), pair, problem, initial)
@@ -205,7 +206,7 @@ def antialiased(volume: Volume, target_spacing_mm: Any) -> Volume:
     """``volume`` (float32) smoothed as average pooling to ``target_spacing_mm`` would: a Gaussian of
     sigma = sqrt((target^2 - source^2) / 12) mm per axis (a box of width w has variance w^2 / 12);
     unchanged when the target is not coarser than the source."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # lazy: not needed to start this command
 
     source = np.asarray(volume.grid.spacing, dtype=np.float64)
     target = np.broadcast_to(np.asarray(target_spacing_mm, dtype=np.float64), source.shape)
@@ -246,7 +247,7 @@ def predict(network: Any, fixed: torch.Tensor, moving: torch.Tensor, symmetric: 
 
 # ---------------------------------------------------------------------- instance optimisation
 
-def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor, pair: WorkingPair,
+def optimise_network_field(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch.Tensor, pair: WorkingPair,
                           params: dict[str, Any], progress: Any) -> torch.Tensor:
     """Refine the predicted field with Adam: MIND-SSC (ConvexAdam's Adam stage) or local NCC, + diffusion."""
     similarity = str(params["io_similarity"])

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from dinoreg.core.transforms import Transform
 from dinoreg.errors import InputError
 from dinoreg.features.dino import dino_feature_pair
-from dinoreg.features.mind import mind_ssc, robust_normalise
+from dinoreg.core.intensity import robust_normalise
+from dinoreg.features.dino.params import DEFAULT_PARAMS as DINO_DEFAULTS
+from dinoreg.features.mind import mind_ssc
 from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result,
                                   prepare_working_pair, register_method)
 from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam
@@ -61,19 +63,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
 MIND_DEFAULTS: dict[str, Any] = {
     "mind_radius": 1,      # patch radius of MIND-SSC (voxels of the working grid)
     "mind_dilation": 2,    # neighbour distance of MIND-SSC (voxels of the working grid)
-}
-
-# The keys read by features/dino (its DEFAULT_PARAMS); 0 means "auto": chosen per device by that module
-# (CPU: coarse tokens, every 4th slice; GPU: fine tokens, every 2nd slice).
-DINO_DEFAULTS: dict[str, Any] = {
-    "model": "facebook/dinov2-with-registers-small",
-    "slice_axes": "axial",       # "axial", "coronal", "sagittal" or "all"
-    "token_mm": 0.0,             # physical size of one ViT token in the resized slices (mm); 0 = auto
-    "slice_stride": 0,           # encode every n-th slice and interpolate between; 0 = auto
-    "pca_channels": 24,          # joint PCA of fixed + moving tokens
-    "batch_size": 0,             # slices per forward pass; 0 = auto
-    "precision": "auto",         # "auto" | "fp32" | "fp16" | "bf16"
-    "ct_window": "-1000,1000",   # HU window "low,high" mapped to grey for CT-looking images (MR: percentiles)
 }
 
 STAGE_DINO = "dino features"  # reported by features/dino itself
@@ -195,7 +184,7 @@ def mind_pair(fixed: torch.Tensor, moving: torch.Tensor, pair: WorkingPair,
 def dino_module_availability(model: str) -> Availability:
     """Whether the DINO feature backend imports and has weights for ``model`` (never raises)."""
     try:
-        from dinoreg.features.dino import dino_availability
+        from dinoreg.features.dino import dino_availability  # lazy: imports transformers-backed code; guarded
     except Exception as error:  # a missing or broken optional backend must not break the other methods
         return Availability(False, f"the DINO feature backend could not be loaded ({type(error).__name__}: {error})")
     try:

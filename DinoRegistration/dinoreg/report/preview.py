@@ -68,7 +68,7 @@ def panel_image(image: np.ndarray, aspect: float, colours: str, top: float):
 
     ``image`` is already scaled so that [0, ``top``] spans the colour map; ``aspect`` = pixel height / width.
     """
-    from PIL import Image
+    from PIL import Image  # lazy: only when the preview is written
 
     scaled = np.clip(np.nan_to_num(image / top), 0.0, 1.0)
     rgb = hot_colours(scaled) if colours == "hot" else np.repeat(np.rint(scaled * 255.0).astype(np.uint8)[..., None], 3, -1)
@@ -82,7 +82,7 @@ def write_preview(path: Path, fixed: Volume, moving_on_fixed_grid: Volume, warpe
                   heatmap: Volume, title: str) -> Path:
     """Draw a 3 x 5 grid (rows: axial, coronal, sagittal; columns: fixed, moving, warped and the two
     difference maps) on black, with a title line, and save it as PNG (written beside, then renamed)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # lazy: only when the preview is written
 
     moving_range = robust_range(moving_on_fixed_grid.array)
     # (name, volume, intensity range mapped to [0, 1] or None for the heatmaps, colour map, top of the scale);

@@ -244,8 +244,8 @@ def _download_hub(repo_id: str, entry: ModelEntry | None) -> Path:
     if hub_offline():
         raise InputError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with internet, "
                          f"or copy the model folder here and give its path")
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub import HfApi, snapshot_download  # optional: only when downloading DINO weights
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError  # optional: as above
 
     cache = hf_cache_dir()
     try:

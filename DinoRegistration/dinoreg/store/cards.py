@@ -16,7 +16,7 @@ def default_preprocessing() -> dict[str, Any]:
 
 def orientation_matrix(code: str):
     """LPS direction matrix (columns = directions of the i, j, k axes) of an axis code like 'RAS'."""
-    import numpy as np
+    import numpy as np  # lazy: not needed to start this command
 
     axes = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
     code = code.upper()

@@ -54,7 +54,7 @@ def save_model(destination: str | Path, network: Any, card: dict[str, Any] | Non
     shape multiple, engine version, weight hash and size are filled in here. Both files appear
     complete or not at all (written to temporary names, then renamed).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: only when model weights are read or written
 
 
     card = dict(card or {})
@@ -126,7 +126,7 @@ def read_card(path: str | Path) -> dict[str, Any]:
 
 def read_weights(path: Path, expected_sha256: str | None, fix: str) -> dict[str, Any]:
     """State dict from a .safetensors (hash checked) or a foreign .pth (``weights_only=True``)."""
-    import torch
+    import torch  # lazy: the store imports no torch until weights are read
 
     if not path.is_file():
         raise InputError(f"model weights '{path}' not found: {fix}")
@@ -137,7 +137,7 @@ def read_weights(path: Path, expected_sha256: str | None, fix: str) -> dict[str,
                              f"card says {expected_sha256[:12]}...): {fix}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # lazy: only when model weights are read or written
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,9 +1,9 @@
 """Which trained models exist, where their files are, and fetching/checking/clearing them.
 
 Three sources:
-- ``shipped``: listed in ``registry.json`` next to this file, files in ``models/shipped/`` (in the
+- ``shipped``: listed in ``networks.json`` next to this file, files in ``store/shipped/`` (in the
   repository and the wheel: available on a fresh clone with no download);
-- ``download``: listed in ``registry.json`` with ``url`` (the .safetensors), ``card_url`` (the .json),
+- ``download``: listed in ``networks.json`` with ``url`` (the .safetensors), ``card_url`` (the .json),
   ``sha256`` and ``size``; fetched into :func:`models_dir` by :func:`download_model`;
 - ``local``: any other ``<name>.json`` + weights found in :func:`models_dir` (e.g. saved by
   ``dinoreg train`` or copied there by hand).
@@ -163,7 +163,7 @@ def clear_models(include_local: bool = False) -> list[Path]:
 
 def registry_entry(card_path: str | Path, source: str = "shipped", url: str | None = None,
                    card_url: str | None = None) -> dict[str, Any]:
-    """The ``registry.json`` entry of a saved model (to paste into the registry when shipping it)."""
+    """The ``networks.json`` entry of a saved model (to paste into the registry when shipping it)."""
     weights, card_file = stem_paths(card_path)
     card = read_card(card_file)
     entry = {"name": card["name"], "architecture": card["architecture"], "source": source,

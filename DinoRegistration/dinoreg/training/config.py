@@ -147,7 +147,7 @@ def read_toml(path: Path) -> dict:
         tomllib = importlib.import_module("tomllib")  # by name: the Python 3.9 check (vermin) reads imports
     else:  # pragma: no cover - Python 3.9/3.10
         try:
-            import tomli as tomllib
+            import tomli as tomllib  # Python < 3.11 only
         except ImportError:
             raise InputError("reading TOML configs on Python < 3.11 needs the 'tomli' package: pip install tomli") from None
     try:

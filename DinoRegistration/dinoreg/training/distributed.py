@@ -48,7 +48,7 @@ def setup_distributed(device: torch.device) -> DistributedContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistributedContext()
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: only under torchrun
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

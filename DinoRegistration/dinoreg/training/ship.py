@@ -1,9 +1,9 @@
-"""Maintainers' tool: ship a trained run's model in the repository (``models/shipped/`` + registry).
+"""Maintainers' tool: ship a trained run's model in the repository (``store/shipped/`` + registry).
 
     python -m dinoreg.training.ship RUN_DIR NAME
 
-Copies ``RUN_DIR/model.safetensors`` and its card (name set to ``NAME``) into ``models/shipped/``
-and adds (or replaces) the ``NAME`` entry of ``models/registry.json`` with its SHA-256 and size,
+Copies ``RUN_DIR/model.safetensors`` and its card (name set to ``NAME``) into ``store/shipped/``
+and adds (or replaces) the ``NAME`` entry of ``store/networks.json`` with its SHA-256 and size,
 so ``dinoreg methods`` lists it as a learned method with shipped weights.
 """
 

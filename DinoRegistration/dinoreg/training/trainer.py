@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dinoreg.core.geometry import warp
+from dinoreg.data.pairs import stack_pairs
 from dinoreg.data.sources import default_cache, make_source
 from dinoreg.errors import InputError
 from dinoreg.losses import RegistrationLoss, dice_loss, one_hot
@@ -59,7 +60,7 @@ class CsvLog:
         self.writer = None
         if enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: TensorBoard logging when installed
 
                 self.writer = SummaryWriter(str(folder / "tensorboard"))
             except Exception:  # tensorboard not installed: the CSV is enough
@@ -241,7 +242,7 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
 
     bar = None
     if context.is_main and progress_bar:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only when a terminal bar is shown
 
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     network.train()
@@ -253,8 +254,6 @@ def run_training(config, output, resume, progress_bar, on_step, device, context:
                 raise StopTraining()
             generator.manual_seed(step_seed(config.seed, context.rank, step))
             pairs = [source.sample(generator) for _ in range(config.run.batch_size)]
-            from dinoreg.data.pairs import stack_pairs
-
             batch = stack_pairs(pairs)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 field = model(batch.fixed, batch.moving)

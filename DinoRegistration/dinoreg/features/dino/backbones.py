@@ -12,6 +12,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Iterator
 
@@ -126,7 +127,6 @@ _DAMAGED_FILE_SIGNS = ("deserializ", "header", "unexpected end", "eof", "truncat
 
 def transformers_version() -> str:
     try:
-        from importlib.metadata import version
 
         return version("transformers")
     except Exception:
@@ -169,7 +169,7 @@ def _wrap(model: torch.nn.Module, location: str, device: torch.device) -> Backbo
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars (our errors say what matters)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # optional, heavy: DINO methods only
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -185,7 +185,7 @@ def quiet_transformers() -> Iterator[None]:
 
 def load_hf_folder(folder: str | Path) -> torch.nn.Module:
     """A transformers DINOv2/DINOv3 model from a local folder (config.json + safetensors)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel  # optional, heavy: DINO methods only
 
     folder = Path(folder)
     with quiet_transformers():

@@ -27,7 +27,7 @@ from dinoreg.progress import Progress
 
 
 def random_vits14_reg4(folder: Path) -> str:
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel  # optional, heavy: DINO methods only
 
 
     config = Dinov2WithRegistersConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,

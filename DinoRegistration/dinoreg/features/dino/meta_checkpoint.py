@@ -50,7 +50,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # lazy: only when model weights are read or written
 
             state = load_file(str(path))
         else:
@@ -147,7 +147,8 @@ def _split_rows(tensor: torch.Tensor, parts: int, key: str, path: str) -> list[t
 
 
 def _convert_dinov2(keys: _Keys, num_heads: int | None) -> tuple[Any, type, dict[str, torch.Tensor]]:
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (Dinov2Config, Dinov2Model,  # optional, heavy: DINO methods only
+                              Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
 
     out: dict[str, torch.Tensor] = {}
     cls_token = keys.take("cls_token")
@@ -210,7 +211,7 @@ def _convert_dinov2(keys: _Keys, num_heads: int | None) -> tuple[Any, type, dict
 
 
 def _convert_dinov3(keys: _Keys, num_heads: int | None) -> tuple[Any, type, dict[str, torch.Tensor]]:
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel  # optional, heavy: DINO methods only
 
     out: dict[str, torch.Tensor] = {}
     cls_token = keys.take("cls_token")

@@ -33,19 +33,8 @@ from dinoreg.features.dino.backbones import Backbone, imagenet_normalise, load_b
 from dinoreg.features.dino.intensity import foreground, normalise_intensity
 from dinoreg.features.dino.pca import JointPCA
 from dinoreg.progress import Progress
-from dinoreg.store.backbones import DEFAULT_MODEL
+from dinoreg.features.dino.params import DEFAULT_PARAMS
 
-#: defaults of the parameters read by :func:`dino_feature_pair`; 0 means "chosen for the device"
-DEFAULT_PARAMS: dict[str, Any] = {
-    "model": DEFAULT_MODEL,
-    "slice_axes": "axial",
-    "token_mm": 0.0,
-    "slice_stride": 0,
-    "pca_channels": 24,
-    "batch_size": 0,
-    "precision": "auto",
-    "ct_window": "-1000,1000",
-}
 #: concrete values for the 0 (auto) defaults, per device type. CPU: a 160x192x224 brain pair with
 #: ViT-S/14 is 96 slices of 32x27 tokens (~5 TFLOP, well under a minute on 2 idle cores); GPU:
 #: ~190 slices of 73x64 tokens (~110 TFLOP, under a second of H100 bf16 time, ~2 GB).
