@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
     if with_output:
-        parser.add_argument("-o", "--output", required=True, help="output folder (created; replaced if it exists)")
+        parser.add_argument("-o", "--output", required=True, help="output folder: new, empty, or an earlier dinoreg result (only its files are replaced)")
     parser.add_argument("--method", default="auto", help="registration method (see 'dinoreg methods'); "
                         "auto = best available")
     parser.add_argument("--preset", help="parameter preset of the method (e.g. brain-mr, body-ct, fast)")
@@ -180,7 +180,7 @@ def command_demo(args: argparse.Namespace) -> int:
     if status == 0 and not args.progress_json:
         outdir = Path(args.output).absolute()
         print(f"demo outputs in {outdir}:")
-        for name in sorted(p.name for p in outdir.iterdir()):
+        for name in sorted(p.name for p in outdir.iterdir() if not p.name.startswith(".")):
             print(f"  {outdir / name}")
     return status
 
@@ -200,7 +200,8 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     from .outputs import check_output_folder, write_outputs
     from .pipeline import RegistrationOptions, register
 
-    outdir = check_output_folder(outdir)
+    outdir = check_output_folder(outdir, run_inputs(args, fixed_path, moving_path))
+    check_label_options(args)
     if args.scene:
         check_scene_support()
     fixed = read_volume(fixed_path, "fixed image")
@@ -225,6 +226,19 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
         write_scene_bundle(outdir, Path(args.scene), fixed_path, moving_path)
     emit_done(result.report, outdir, args)
     return 0
+
+
+def run_inputs(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> list[str | Path | None]:
+    """Every file a run reads (the output folder may not be or contain one of them)."""
+    return [fixed_path, moving_path, args.fixed_mask, args.moving_mask, args.moving_labels, args.fixed_labels,
+            getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None)]
+
+
+def check_label_options(args: argparse.Namespace) -> None:
+    """Dice before/after needs both label maps: one alone would be ignored without a word."""
+    if args.fixed_labels and not args.moving_labels:
+        raise InputError("--fixed-labels needs --moving-labels too (Dice compares the warped moving labels with "
+                         "the fixed ones): add --moving-labels or drop --fixed-labels")
 
 
 def read_landmark_pair(fixed_path: str | None, moving_path: str | None) -> tuple | None:
@@ -376,12 +390,12 @@ def command_apply(args: argparse.Namespace) -> int:
     from .spatial import resolve_device
     from .transforms import warp_volume
 
+    from .output_policy import check_output_file
+
+    output = check_output_file(args.output, (args.transform, args.moving, args.reference))
     transform = read_transform(args.transform)
     reference = read_volume(args.reference, "reference image")
     moving = read_volume(args.moving, "moving image")
-    output = Path(args.output)
-    if not output.parent.exists() or not os.access(output.parent, os.W_OK):
-        raise InputError(f"cannot write '{output}': its folder does not exist or is not writable")
     mode = "nearest" if args.labels else "linear"
     write_volume(warp_volume(moving, transform, reference.grid, mode, resolve_device(args.device)), output)
     print(f"wrote {output}", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .output_policy import honour_umask
 from .volume import Grid, Volume
 
 MGH_SUFFIXES = (".mgz", ".mgh")
@@ -38,16 +39,16 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
         elif path.name.lower().endswith(MGH_SUFFIXES):
             return check_scalar_3d(read_mgh(path), role, path, is_image)
         else:
-            check_file_complete(path, role)
+            from .file_checks import check_header, check_input_file
+
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our checks say what matters, in one line
+            check_input_file(path, role, is_image)
+            check_header(path, role, is_image)
             image = sitk.ReadImage(str(path))
-            if is_image:
-                check_nifti_finite(path, role)
     except InputError:
         raise
     except (RuntimeError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{role} '{path}' could not be read ({first_line[:120]}): "
-                         "use NIfTI, NRRD, MHA/MHD, MGZ or a DICOM series folder") from None
+        raise unreadable(path, role, error) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{role} '{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(colour or vector image): convert it to a single-channel greyscale volume")
@@ -55,6 +56,25 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
         raise InputError(f"{role} '{path}' is {image.GetDimension()}D: a 3D volume is needed "
                          "(for 4D series, extract one time point first)")
     return check_scalar_3d(Volume.from_sitk(image), role, path, is_image)
+
+
+def unreadable(path: Path, role: str, error: BaseException) -> InputError:
+    """One line for a file no reader understands: ITK's reason without its source paths, and the
+    formats to use (not suggesting the one the file is named as)."""
+    import re
+
+    text = str(error).strip()
+    reason = next((line.split("ERROR:", 1)[-1].strip() for line in text.splitlines() if "ERROR:" in line), "")
+    reason = re.sub(r"(/[^\s:]+)+\.(cxx|hxx|h|cpp|txx)(:\d+)?:?", "", reason or (text.splitlines()[0] if text else ""))
+    reason = re.sub(r"\s+", " ", reason).strip(" :") or type(error).__name__
+    name = path.name.lower()
+    formats = [(".nii", "NIfTI"), (".nrrd", "NRRD"), (".mha", "MHA/MHD"), (".mgz", "MGZ")]
+    named_as = next((label for suffix, label in formats if suffix in name or (suffix == ".mha" and ".mhd" in name)), None)
+    others = [label for _, label in formats if label != named_as] + ["a DICOM series folder"]
+    advice = (f"it is named as {named_as} but is not a readable {named_as} file: check that it was copied "
+              f"completely, or convert it to {', '.join(others[:-1])} or {others[-1]}") if named_as else \
+        f"use {', '.join(others[:-1])} or {others[-1]}"
+    return InputError(f"{role} '{path}' could not be read ({reason[:100]}): {advice}")
 
 
 def check_nifti_finite(path: Path, role: str) -> None:
@@ -228,6 +248,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
             check_file_complete(Path(temporary), "written file")
         except InputError:
             raise OSError(errno.ENOSPC, "the file was cut short while writing (disk full?)", str(path)) from None
+        honour_umask(temporary)  # mkstemp made it 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
