@@ -219,7 +219,9 @@ def summary_row(pair: BatchPair, folder: Path, report: dict[str, Any]) -> dict[s
             "ncc_after": (report.get("similarity_after") or {}).get("ncc"),
             "dice_before": labels.get("dice_mean_before"), "dice_after": labels.get("dice_mean_after"),
             "sdlogj": jacobian.get("sdlogj"), "percent_nonpositive_jacobian": jacobian.get("percent_nonpositive"),
-            "peak_ram_mb": report.get("peak_ram_mb"), "fixed": pair.fixed, "moving": pair.moving, "folder": str(folder)}
+            "peak_ram_mb": report.get("peak_ram_mb"), "fixed": pair.fixed, "moving": pair.moving, "folder": str(folder),
+            **({"status": "ok, with warnings", "reason": "; ".join(report["warnings"])[:300]}
+               if report.get("warnings") else {})}
 
 
 def failed_row(pair: BatchPair, reason: str) -> dict[str, Any]:

@@ -220,6 +220,8 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
         result.report["landmarks"] = landmark_report(result, landmarks)
     inputs = {"fixed": str(fixed_path), "moving": str(moving_path)}
     write_outputs(result, outdir, inputs)
+    for warning in result.report.get("warnings") or ():
+        print(f"dinoreg: warning: {warning}", file=sys.stderr)
     if args.scene:
         from DinoRegistrationSlicer.scene import write_scene_bundle  # Slicer side, next to the engine
 

@@ -20,6 +20,7 @@ from .io import write_volume
 from .itk_files import write_transform
 from .output_files import OUTPUT_FILES
 from .output_policy import check_output_target, make_staging, publish, remove_own_files
+from .peak_memory import peak_rss_mb
 from .pipeline import RegistrationResult
 from .preview import write_preview
 
@@ -68,6 +69,9 @@ def write_files(result: RegistrationResult, folder: Path, inputs: dict[str, str]
             write.result()
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     report = dict(result.report, inputs=inputs, outputs=names + [OUTPUT_FILES["report"]])
+    peak = peak_rss_mb()  # now, after the outputs were written (writing can be the peak)
+    if peak is not None:
+        report["peak_ram_mb"] = result.report["peak_ram_mb"] = round(max(peak, report.get("peak_ram_mb") or 0.0), 1)
     (folder / OUTPUT_FILES["report"]).write_text(json.dumps(to_json(report), indent=2))
 
 

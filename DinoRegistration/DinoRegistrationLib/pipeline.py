@@ -168,6 +168,9 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if fixed_labels is not None and moving_labels is not None:
         unregistered_labels = resample_without_transform(moving_labels, fixed.grid, "nearest")
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
+    from .quality import input_warnings, result_warnings
+
+    report["warnings"] = input_warnings({"fixed image": fixed, "moving image": moving}) + result_warnings(report)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
 
