@@ -140,8 +140,10 @@ def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     except RuntimeError as error:
         message = str(error)
         if "outside" in message.lower() or "too many samples" in message.lower() or "no valid" in message.lower():
-            raise RegistrationFailed("fixed and moving do not overlap during affine alignment: check that both "
-                                     "images show the same anatomy, or turn the affine stage off if they are pre-aligned") from None
+            # they overlapped at the start (checked after initialisation): the optimisation moved them apart
+            raise RegistrationFailed("the affine alignment diverged (fixed and moving stopped overlapping while it "
+                                     "ran, though they overlap at the start): check that both images show the same "
+                                     "anatomy, or turn the affine stage off (--no-affine) if they are pre-aligned") from None
         raise
     progress.check()
     return transform
