@@ -236,3 +236,35 @@ def test_param_messages_name_the_real_problem(tmp_path, capsys, param, expected)
     assert main(["register", str(FIXED), str(MOVING), "-o", str(tmp_path / "out"), "--param", param, "--quiet"]) == 2
     line = one_error_line(capsys)
     assert expected in line and "preset None" not in line
+
+
+def test_qform_sform_disagreement_says_which_is_used(tmp_path):
+    data = blob().transpose(2, 1, 0).copy()
+    qform = np.diag([4.0, 4.0, 4.0, 1.0])
+    sform = qform.copy()
+    sform[:3, 3] = [40.0, 0.0, 0.0]  # 40 mm apart, as in the issue
+    image = nibabel.Nifti1Image(data, sform)
+    image.header.set_qform(qform, code=1)
+    image.header.set_sform(sform, code=2)
+    nibabel.save(image, str(tmp_path / "both.nii.gz"))
+    with pytest.warns(UserWarning, match=r"qform and sform disagree by up to 40.0 mm; the (sform|qform) is used") as caught:
+        volume = read_volume(tmp_path / "both.nii.gz", "moving image")
+    used = "sform" if "the sform is used" in str(caught[0].message) else "qform"
+    expected_origin = (sform if used == "sform" else qform)[:3, 3] * [-1, -1, 1]
+    np.testing.assert_allclose(volume.grid.origin, expected_origin, atol=1e-3)
+
+
+def test_diverging_affine_on_overlapping_images_is_not_told_they_do_not_overlap(monkeypatch):
+    import DinoRegistrationLib.affine as affine
+    from DinoRegistrationLib.errors import RegistrationFailed
+    from DinoRegistrationLib.progress import Progress
+    from DinoRegistrationLib.volume import Volume
+
+    def diverge(self, fixed, moving):  # what ITK raises when the optimisation leaves the moving image
+        raise RuntimeError("Too many samples map outside moving image buffer")
+
+    monkeypatch.setattr(affine.sitk.ImageRegistrationMethod, "Execute", diverge)
+    volume = Volume.from_array_ras(blob(), (4.0, 4.0, 4.0))
+    with pytest.raises(RegistrationFailed) as caught:
+        affine.affine_registration(volume, volume, Progress())
+    assert "do not overlap" not in str(caught.value) and "diverged" in str(caught.value)

@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     json_events = getattr(args, "progress_json", False)
+    show_warnings_in_one_line()
     signal.signal(signal.SIGTERM, raise_cancelled)  # a terminated run cleans up like a cancelled one
     try:
         return args.func(args)
@@ -52,6 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_error("out of GPU memory: retry with --device cpu or --preset fast", json_events)
             return 1
         raise
+
+
+def show_warnings_in_one_line() -> None:
+    """Python warnings (qform/sform, GPU fallback, ...) as ``dinoreg: warning: ...`` lines on stderr."""
+    import warnings
+
+    def show(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"dinoreg: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def raise_cancelled(signum: int, frame: object) -> None:

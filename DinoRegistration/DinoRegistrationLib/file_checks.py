@@ -93,6 +93,7 @@ def check_nifti(path: Path, role: str, is_image: bool, data_bytes: int) -> None:
         needed = int(header.get_data_offset()) + data_size(header)
         if available < needed:
             raise truncated(role, path, available, needed)
+        check_sform(header, role, path)
         if is_image:
             check_finite(np.asanyarray(image.dataobj), role, path)
         return
@@ -104,9 +105,48 @@ def check_nifti(path: Path, role: str, is_image: bool, data_bytes: int) -> None:
     needed = int(header.get_data_offset()) + data_size(header)
     if data_bytes < needed:
         raise truncated(role, path, data_bytes, needed)
+    check_sform(header, role, path)
+    warn_qform_sform(header, role, path)
     if is_image and np.dtype(header.get_data_dtype()).kind in "fc":
         with open_content(path) as stream:
             check_finite(header.raw_data_from_fileobj(stream), role, path)
+
+
+def check_sform(header: Any, role: str, path: Path) -> None:
+    """ITK replaces a sheared NIfTI sform by the qform (or an orthogonalised matrix) without a word:
+    refuse it like any non-orthonormal direction."""
+    if int(header["sform_code"]) <= 0:
+        return
+    matrix = np.asarray(header.get_sform(), dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if (norms > 0).all() and np.isfinite(matrix).all():
+        check_orthonormal(matrix / norms, role, path)
+
+
+#: qform and sform mapping some corner voxel more than this apart (mm) are reported
+QFORM_SFORM_TOLERANCE_MM = 0.5
+
+
+def warn_qform_sform(header: Any, role: str, path: Path) -> None:
+    """Say which of two disagreeing NIfTI orientations (qform, sform) is used, with a UserWarning."""
+    import warnings
+
+    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+        return
+    qform, sform = np.asarray(header.get_qform(), float), np.asarray(header.get_sform(), float)
+    shape = np.array(header.get_data_shape()[:3], dtype=float)
+    corners = np.array([[(s - 1) * int(bit) for bit, s in zip(f"{n:03b}", shape)] + [1.0] for n in range(8)])
+    gap = float(np.abs(corners @ (qform - sform).T).max())
+    if not np.isfinite(gap) or gap <= QFORM_SFORM_TOLERANCE_MM:
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    origin_lps = np.array(reader.GetOrigin()) * [-1, -1, 1]  # back to RAS, as in the header
+    used = "sform" if np.abs(sform[:3, 3] - origin_lps).max() <= np.abs(qform[:3, 3] - origin_lps).max() else "qform"
+    warnings.warn(f"{role} '{path}': its qform and sform disagree by up to {gap:.1f} mm; the {used} is used "
+                  "(as ITK and Slicer read it): check the result's position, and fix the header if the other is right",
+                  UserWarning, stacklevel=2)
 
 
 def data_size(header: Any) -> int:
