@@ -115,7 +115,7 @@ def check_nifti(path: Path, role: str, is_image: bool, data_bytes: int) -> None:
 def check_sform(header: Any, role: str, path: Path) -> None:
     """ITK replaces a sheared NIfTI sform by the qform (or an orthogonalised matrix) without a word:
     refuse it like any non-orthonormal direction."""
-    if int(header["sform_code"]) <= 0:
+    if int(header["sform_code"]) <= 0 or len(header.get_data_shape()) < 3:
         return
     matrix = np.asarray(header.get_sform(), dtype=np.float64)[:3, :3]
     norms = np.linalg.norm(matrix, axis=0)
@@ -131,7 +131,7 @@ def warn_qform_sform(header: Any, role: str, path: Path) -> None:
     """Say which of two disagreeing NIfTI orientations (qform, sform) is used, with a UserWarning."""
     import warnings
 
-    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+    if int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0 or len(header.get_data_shape()) < 3:
         return
     qform, sform = np.asarray(header.get_qform(), float), np.asarray(header.get_sform(), float)
     shape = np.array(header.get_data_shape()[:3], dtype=float)

@@ -101,7 +101,11 @@ def check_output_target(outdir: str | os.PathLike, inputs: Iterable[str | os.Pat
         raise InputError(f"the output folder ({option}) is empty: give a new folder name, e.g. {option} results")
     absolute = Path(outdir).absolute()
     target = resolved(outdir)
-    forbidden = [(Path.cwd().resolve(), "the current folder"), (resolved("~"), "your home folder")]
+    forbidden = [(resolved("~"), "your home folder")]
+    try:
+        forbidden.append((Path.cwd().resolve(), "the current folder"))
+    except OSError:  # the current folder was deleted: nothing there to protect
+        pass
     forbidden += [(resolved(path), f"the input '{path}'") for path in inputs if path]
     for place, name in forbidden:
         if is_ancestor_or_same(target, place):
