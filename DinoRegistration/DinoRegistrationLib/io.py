@@ -77,27 +77,6 @@ def unreadable(path: Path, role: str, error: BaseException) -> InputError:
     return InputError(f"{role} '{path}' could not be read ({reason[:100]}): {advice}")
 
 
-def check_nifti_finite(path: Path, role: str) -> None:
-    """ITK's NIfTI reader silently turns NaN/inf voxels into 0, so a NaN slice would register as a
-    black slice; read the raw voxels with nibabel (a core dependency) to refuse them as other formats are."""
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return
-    try:
-        import nibabel
-
-        image = nibabel.load(str(path))
-        if np.dtype(image.get_data_dtype()).kind != "f":
-            return
-        data = np.asanyarray(image.dataobj)
-    except Exception:  # nibabel missing or unable to parse what ITK read: keep ITK's reading
-        return
-    count = int(np.count_nonzero(~np.isfinite(data)))
-    if count:
-        raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with the image minimum) "
-                         "before registering")
-
-
 METAIMAGE_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
                    "MET_ULONG": 8, "MET_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
@@ -198,7 +177,7 @@ def check_scalar_3d(volume: Volume, role: str, path: Path | str, is_image: bool 
         raise InputError(f"{role} '{path}' has a degenerate direction or spacing: fix its header")
     if not is_image:
         return volume
-    # (ITK's NIfTI reader turns NaN/inf into 0: check_nifti_finite looks at the raw voxels first.)
+    # (ITK's NIfTI reader turns NaN/inf into 0: file_checks.check_nifti looks at the raw voxels first.)
     if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
         count = int((~np.isfinite(volume.array)).sum())
         raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with 0) before registering")

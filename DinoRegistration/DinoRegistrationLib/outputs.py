@@ -15,7 +15,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import InputError
 from .io import write_volume
 from .itk_files import write_transform
 from .output_files import OUTPUT_FILES
