@@ -196,6 +196,8 @@ def test_batch_output_above_inputs_or_foreign_is_refused(study, tmp_path, capsys
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     refused(["batch", str(table), "-o", str(foreign), "--quiet", "--workers", "1"], capsys, foreign, study)
+    error = refused(["batch", str(table), "-o", str(tmp_path), "--quiet", "--workers", "1"], capsys, study)
+    assert "contains the input" in error  # the table's own folder
 
 
 def test_batch_pair_folder_not_ours_fails_that_pair_and_is_kept(small_pair, tmp_path):
