@@ -273,3 +273,13 @@ def test_diverging_affine_on_overlapping_images_is_not_told_they_do_not_overlap(
     with pytest.raises(RegistrationFailed) as caught:
         affine.affine_registration(volume, volume, Progress())
     assert "do not overlap" not in str(caught.value) and "diverged" in str(caught.value)
+
+
+def test_budget_refusal_comes_before_the_voxels_of_a_float_image_are_scanned(tmp_path, monkeypatch):
+    import DinoRegistrationLib.file_checks as file_checks
+
+    path = write(tmp_path / "float.nii.gz", blob())
+    monkeypatch.setenv("DINOREG_MEMORY_BUDGET_MB", "0.001")
+    monkeypatch.setattr(file_checks, "check_finite", lambda *args: pytest.fail("voxels scanned before the budget"))
+    with pytest.raises(InputError, match="memory budget"):
+        read_volume(path, "fixed image")

@@ -42,8 +42,12 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
             from .file_checks import check_header, check_input_file
 
             sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our checks say what matters, in one line
+            try:  # the header first: the budget is checked before any voxel is read (also by the NaN check)
+                check_header(path, role, is_image)
+            except RuntimeError:
+                check_input_file(path, role, is_image)  # a truncated or corrupted file says so
+                raise
             check_input_file(path, role, is_image)
-            check_header(path, role, is_image)
             image = sitk.ReadImage(str(path))
     except InputError:
         raise
