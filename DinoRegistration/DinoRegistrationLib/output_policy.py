@@ -12,7 +12,7 @@ One rule for ``dinoreg register``/``demo``/``batch``/``apply``, the API and the 
   anything a user added to that folder stays.
 - Hidden staging folders (``.NAME.tmp-*``) left by a killed run are removed by later runs, but
   only those holding our staging marker and only our own file names, and not while the process
-  that made them still runs.
+  that made them still runs (nor when another machine made them: Dask workers share the folder).
 
 Written by hand: no library knows which files this tool owns.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -142,7 +143,7 @@ def check_writable(outdir: Path) -> None:
 
 def write_marker(folder: Path, kind: str, name: str = MARKER) -> None:
     path = folder / name
-    path.write_text(json.dumps({"tool": "dinoreg", "kind": kind, "pid": os.getpid()}))
+    path.write_text(json.dumps({"tool": "dinoreg", "kind": kind, "pid": os.getpid(), "host": socket.gethostname()}))
 
 
 def make_staging(outdir: Path) -> Path:
@@ -190,8 +191,10 @@ def remove_stale_staging(outdir: Path) -> None:
             marker = json.loads((stale / STAGING_MARKER).read_text())
         except (OSError, ValueError):
             continue  # not ours
-        if not isinstance(marker, dict) or marker.get("tool") != "dinoreg" or process_alive(int(marker.get("pid", 0))):
+        if not isinstance(marker, dict) or marker.get("tool") != "dinoreg":
             continue
+        if marker.get("host", socket.gethostname()) != socket.gethostname() or process_alive(int(marker.get("pid", 0))):
+            continue  # still being written here, or by a worker on another machine (a shared file system)
         if stale.is_dir() and not stale.is_symlink():
             remove_own_files(stale)
 
