@@ -69,6 +69,26 @@ def check_memory_budget(fixed: Volume, moving: Volume) -> None:
     budget = memory_budget_bytes()
     needed = estimated_bytes(fixed, moving)
     if budget is not None and needed > budget:
-        raise InputError(f"registering a {fixed.grid.describe()} fixed image needs about {needed / 2**30:.1f} GB, more "
-                         f"than the memory budget of {budget / 2**30:.1f} GB ({BUDGET_VARIABLE}): crop the images to "
+        raise InputError(f"registering a {fixed.grid.describe()} fixed image needs about {format_bytes(needed)}, more "
+                         f"than the memory budget of {format_bytes(budget)} ({BUDGET_VARIABLE}): crop the images to "
                          "the region of interest or resample them coarser first")
+
+
+def format_bytes(count: int) -> str:
+    """'3.2 GB', '45 MB' or '900 kB': never '0.0 GB'."""
+    if count >= 2**30:
+        return f"{count / 2**30:.1f} GB"
+    if count >= 2**20:
+        return f"{count / 2**20:.0f} MB"
+    return f"{max(count, 1) / 2**10:.0f} kB"
+
+
+def check_image_budget(voxels: int, role: str, path: object) -> None:
+    """From the header, before the voxels are read: a fixed image needs ``BYTES_PER_FIXED_VOXEL``
+    per voxel, any other at least its float32 copy; refuse what cannot fit in the budget."""
+    budget = memory_budget_bytes()
+    needed = voxels * (BYTES_PER_FIXED_VOXEL if role.startswith("fixed") else 4)
+    if budget is not None and needed > budget:
+        raise InputError(f"{role} '{path}' has {voxels:,} voxels: registering it needs about {format_bytes(needed)}, "
+                         f"more than the memory budget of {format_bytes(budget)} ({BUDGET_VARIABLE}): crop it to "
+                         "the region of interest or resample it coarser first")
