@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,11 @@ def test_resume_skips_complete_pairs_and_redoes_half_written_ones(tmp_path, tabl
     (second / "report.json").unlink()
     (outdir / f".{second.name}.tmp-abc").mkdir()
     (outdir / f".{second.name}.tmp-abc" / "warped.nii.gz").write_bytes(b"half")
+    # ours: the staging marker of a process that no longer runs (a folder without it is left alone)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (outdir / f".{second.name}.tmp-abc" / ".dinoreg-staging.json").write_text(
+        json.dumps({"tool": "dinoreg", "kind": "registration", "pid": dead.pid}))
     rows = run_batch(pairs, outdir)
     assert [row["status"] for row in rows] == ["ok (earlier run)", "ok"]
     assert (first / "report.json").stat().st_mtime_ns == stamp  # not redone

@@ -10,7 +10,7 @@ import pytest
 from dinoreg.report import metrics
 from dinoreg.cli.main import main
 from dinoreg.io.volumes import write_volume
-from dinoreg.core.itk_files import write_transform
+from dinoreg.io.itk_files import write_transform
 from dinoreg.core.transforms import AffineMap, Transform
 from dinoreg.core.volume import Grid, Volume
 

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from dinoreg.core import geometry
 from dinoreg.core import spatial
-from dinoreg.core.itk_files import read_transform, to_sitk_transform, write_transform
+from dinoreg.io.itk_files import read_transform, to_sitk_transform, write_transform
 from dinoreg.core.transforms import AffineMap, DenseField, Transform, transform_jacobian, warp_volume
 from dinoreg.core.volume import Grid, Volume
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_ours(name: str, fixed: str, moving: str, out: str, device: str) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "DinoRegistration"))
     from dinoreg.io.volumes import read_volume
-    from dinoreg.core.itk_files import write_transform
+    from dinoreg.io.itk_files import write_transform
     from dinoreg.app.pipeline import RegistrationOptions, register
 
     method, _, preset = name.partition("@")

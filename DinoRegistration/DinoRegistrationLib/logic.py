@@ -507,6 +507,13 @@ def runFolder(base: str, movingName: str, now: Optional[float] = None) -> str:
 
 def copyFolder(source: str, destination: str) -> str:
     """Copy the engine's output files into the new folder ``destination``; returns it."""
+    from dinoreg.errors import InputError
+    from dinoreg.app.output_policy import check_output_target  # the engine's one output rule
+
+    try:
+        check_output_target(destination, option="Keep files in")
+    except InputError as error:
+        raise RegistrationError(f"Could not keep the output files: {error}") from None
     try:
         os.makedirs(destination)
         for name in os.listdir(source):

@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -32,8 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from dinoreg.app.output_policy import BATCH, MARKER, check_output_target, write_marker
+from dinoreg.app.output_policy import remove_stale_staging as remove_staging_folder
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 from dinoreg.io.output_files import OUTPUT_FILES
+from dinoreg.io.file_modes import honour_umask
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_mask", "moving_mask", "fixed_labels", "moving_labels")
 KNOWN_COLUMNS = PATH_COLUMNS + ("method", "preset")
@@ -79,7 +81,7 @@ def read_pairs(csv_path: str | os.PathLike, default_method: str = "auto", defaul
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
-            header = [name.strip() for name in (rows[0].keys() if rows else [])]
+            header = [name.strip() for name in (rows[0].keys() if rows else []) if name is not None]
     except (UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"pairs table '{csv_path}' is not a readable CSV file ({error}): "
                          "save it as UTF-8 CSV with a header line fixed,moving,...") from None
@@ -95,6 +97,10 @@ def read_pairs(csv_path: str | os.PathLike, default_method: str = "auto", defaul
                          f"allowed are {', '.join(KNOWN_COLUMNS)}")
     pairs = []
     for number, row in enumerate(rows, start=1):
+        if None in row:  # csv.DictReader files the surplus fields of a long row under the key None
+            raise InputError(f"pairs table '{csv_path}' row {number} has more fields than the header "
+                             f"({len(header) + len(row[None])} for {len(header)} columns): remove the extra "
+                             "commas or quote paths that contain a comma")
         values = {(key or "").strip(): (value or "").strip() for key, value in row.items() if key}
         if not values.get("fixed") or not values.get("moving"):
             raise InputError(f"pairs table '{csv_path}' row {number} has no fixed or moving path: fill both columns")
@@ -121,15 +127,38 @@ def is_complete(folder: Path) -> bool:
     return (folder / OUTPUT_FILES["report"]).is_file()
 
 
+def pair_request(pair: BatchPair, settings: BatchSettings) -> dict[str, Any]:
+    """What was asked of one pair: method, preset, parameters, affine stage and the input files
+    (path, size, modification time). Stored in report.json; a resumed batch redoes a pair whose
+    request differs from the one on disk."""
+    def fingerprint(path: str | None) -> list[Any] | None:
+        if not path:
+            return None
+        try:
+            info = os.stat(path)
+        except OSError:
+            return [path]
+        return [path, info.st_size, info.st_mtime_ns]
+
+    return {"method": pair.method, "preset": pair.preset, "params": {k: str(v) for k, v in (settings.params or {}).items()},
+            "use_affine": settings.use_affine, "inputs": {column: fingerprint(getattr(pair, column)) for column in PATH_COLUMNS}}
+
+
+def is_done(folder: Path, pair: BatchPair, settings: BatchSettings) -> bool:
+    """Complete, and made for the same request (method, preset, params, inputs) as now."""
+    if not is_complete(folder):
+        return False
+    try:
+        report = json.loads((folder / OUTPUT_FILES["report"]).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("request") == json.loads(json.dumps(pair_request(pair, settings)))
+
+
 def remove_stale_staging(outdir: Path, pair: BatchPair) -> None:
-    """Remove what a killed run of ``pair`` left: staging/backup folders, an incomplete pair folder."""
-    for stale in outdir.glob(f".{pair.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in outdir.glob(f".{pair.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    folder = outdir / pair.name
-    if folder.exists() and not is_complete(folder):
-        shutil.rmtree(folder, ignore_errors=True)
+    """Remove the staging folders a killed run of ``pair`` left (only ours: see output_policy); an
+    incomplete pair folder of ours is replaced by the next write, one not ours fails that pair."""
+    remove_staging_folder(outdir / pair.name)
 
 
 # ---------------------------------------------------------------------------------------------- one pair
@@ -168,6 +197,7 @@ def register_pair(pair: BatchPair, folder: Path, settings: BatchSettings) -> dic
     options = RegistrationOptions(method=pair.method, preset=pair.preset, params=dict(settings.params or {}),
                                   use_affine=settings.use_affine, device=settings.device)
     result = register(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels)
+    result.report["request"] = pair_request(pair, settings)
     write_outputs(result, folder, {"fixed": pair.fixed, "moving": pair.moving})
     return result.report
 
@@ -190,7 +220,9 @@ def summary_row(pair: BatchPair, folder: Path, report: dict[str, Any]) -> dict[s
             "ncc_after": (report.get("similarity_after") or {}).get("ncc"),
             "dice_before": labels.get("dice_mean_before"), "dice_after": labels.get("dice_mean_after"),
             "sdlogj": jacobian.get("sdlogj"), "percent_nonpositive_jacobian": jacobian.get("percent_nonpositive"),
-            "peak_ram_mb": report.get("peak_ram_mb"), "fixed": pair.fixed, "moving": pair.moving, "folder": str(folder)}
+            "peak_ram_mb": report.get("peak_ram_mb"), "fixed": pair.fixed, "moving": pair.moving, "folder": str(folder),
+            **({"status": "ok, with warnings", "reason": "; ".join(report["warnings"])[:300]}
+               if report.get("warnings") else {})}
 
 
 def failed_row(pair: BatchPair, reason: str) -> dict[str, Any]:
@@ -224,14 +256,15 @@ def run_batch(pairs: list[BatchPair], outdir: str | os.PathLike, settings: Batch
     """
     settings = settings or BatchSettings()
     outdir = Path(outdir).absolute()
-    from dinoreg.app.outputs import check_output_folder  # lazy: imports SimpleITK, numpy, scipy, torch
-
-    check_output_folder(outdir)
+    inputs = [getattr(pair, column) for pair in pairs for column in PATH_COLUMNS]
+    check_output_target(outdir, inputs, kind=BATCH)
     outdir.mkdir(parents=True, exist_ok=True)
+    if not (outdir / MARKER).is_file():
+        write_marker(outdir, BATCH)
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for pair in pairs:
-        if is_complete(outdir / pair.name):
+        if is_done(outdir / pair.name, pair, settings):
             rows[pair.name] = completed_row(pair, outdir / pair.name)
             if on_result:
                 on_result(rows[pair.name])
@@ -363,7 +396,7 @@ def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
     try:
         with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
             write(stream)
-        os.chmod(temporary, 0o644)
+        honour_umask(temporary)  # mkstemp made it 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -12,17 +12,14 @@ allocating anything, with the fix (crop or resample the images coarser).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dinoreg.core.volume import Volume
 from dinoreg.errors import InputError
+from dinoreg.io.file_checks import BUDGET_VARIABLE, BYTES_PER_FIXED_VOXEL, format_bytes, memory_budget_bytes
 
 MIN_VOXELS_PER_AXIS = 4
 MAX_SPACING_RATIO = 100.0
-BYTES_PER_FIXED_VOXEL = 64
-BUDGET_VARIABLE = "DINOREG_MEMORY_BUDGET_MB"
 
 
 def check_registration_inputs(fixed: Volume, moving: Volume, fixed_mask: Volume | None = None,
@@ -47,20 +44,6 @@ def check_shape_and_spacing(volume: Volume, role: str) -> None:
                          f"(ratios above {MAX_SPACING_RATIO:.0f}:1 are not images a registration can use)")
 
 
-def memory_budget_bytes() -> int | None:
-    """The budget in bytes (None when unknown, e.g. no sysconf on Windows and no variable set)."""
-    value = os.environ.get(BUDGET_VARIABLE)
-    if value:
-        try:
-            return int(float(value) * 2**20)
-        except ValueError:
-            raise InputError(f"{BUDGET_VARIABLE}={value!r} is not a number of megabytes: set it like 8000") from None
-    try:
-        return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def estimated_bytes(fixed: Volume, moving: Volume) -> int:
     return BYTES_PER_FIXED_VOXEL * int(np.prod(fixed.grid.size)) + 4 * int(np.prod(moving.grid.size))
 
@@ -69,6 +52,6 @@ def check_memory_budget(fixed: Volume, moving: Volume) -> None:
     budget = memory_budget_bytes()
     needed = estimated_bytes(fixed, moving)
     if budget is not None and needed > budget:
-        raise InputError(f"registering a {fixed.grid.describe()} fixed image needs about {needed / 2**30:.1f} GB, more "
-                         f"than the memory budget of {budget / 2**30:.1f} GB ({BUDGET_VARIABLE}): crop the images to "
+        raise InputError(f"registering a {fixed.grid.describe()} fixed image needs about {format_bytes(needed)}, more "
+                         f"than the memory budget of {format_bytes(budget)} ({BUDGET_VARIABLE}): crop the images to "
                          "the region of interest or resample them coarser first")

@@ -1,63 +1,48 @@
 """Writing a registration's results to a folder that appears complete or not at all.
 
-Everything is written into a hidden temporary folder beside the target, then renamed into place;
-an older folder of the same name is replaced only after the new one is complete.
+Everything is written into a hidden temporary folder beside the target, then moved into place;
+which folders may be written and how an earlier result of ours is replaced is ``output_policy``'s
+rule (never a file the tool did not write).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
+from dinoreg.app.output_policy import check_output_target, make_staging, publish, remove_own_files
 from dinoreg.app.pipeline import RegistrationResult
-from dinoreg.core.itk_files import write_transform
-from dinoreg.errors import InputError
+from dinoreg.io.itk_files import write_transform
 from dinoreg.io.output_files import OUTPUT_FILES
 from dinoreg.io.volumes import write_volume
+from dinoreg.peak_memory import peak_rss_mb
 from dinoreg.report.preview import write_preview
 
 
-def check_output_folder(outdir: str | os.PathLike) -> Path:
-    """Fail early (before any work) if ``outdir`` cannot be created or written.
 
-    Probes by creating and removing a temporary file in the nearest existing ancestor, which is
-    the only reliable test (permission bits say nothing for root or read-only file systems).
-    """
-    outdir = Path(outdir).absolute()
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(f"output '{outdir}' is a file, not a folder: choose another -o")
-    ancestor = outdir.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    probe_folder = outdir if outdir.exists() else ancestor
-    try:
-        if not probe_folder.is_dir():
-            raise OSError
-        handle, probe = tempfile.mkstemp(prefix=".dinoreg-probe-", dir=probe_folder)
-        os.close(handle)
-        os.remove(probe)
-    except OSError:
-        raise InputError(f"output folder '{outdir}' is not writable: choose a folder you can write to with -o") from None
-    return outdir
+def check_output_folder(outdir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Fail early (before any work) if ``outdir`` may not or cannot be written (``output_policy`` rule)."""
+    return check_output_target(outdir, inputs)
 
 
 def write_outputs(result: RegistrationResult, outdir: str | os.PathLike, inputs: dict[str, str] | None = None) -> Path:
-    """Write every output file of ``result`` into ``outdir`` (atomically); returns its path."""
-    outdir = check_output_folder(outdir)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
+    """Write every output file of ``result`` into ``outdir`` (complete or not at all); returns its path.
+
+    ``inputs`` (role -> path) are also checked: ``outdir`` may not be or contain one of them.
+    """
+    outdir = check_output_folder(outdir, (inputs or {}).values())
+    staging = make_staging(outdir)
     try:
         write_files(result, staging, inputs or {})
-        replace_folder(staging, outdir)
+        publish(staging, outdir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():
+            remove_own_files(staging)
         raise
     return outdir
 
@@ -81,21 +66,12 @@ def write_files(result: RegistrationResult, folder: Path, inputs: dict[str, str]
             write_transform(result.inverse, folder / OUTPUT_FILES["inverse_transform"])
         for write in writes:
             write.result()
-    report = dict(result.report, inputs=inputs, outputs=sorted(p.name for p in folder.iterdir()) + [OUTPUT_FILES["report"]])
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    report = dict(result.report, inputs=inputs, outputs=names + [OUTPUT_FILES["report"]])
+    peak = peak_rss_mb()  # now, after the outputs were written (writing can be the peak)
+    if peak is not None:
+        report["peak_ram_mb"] = result.report["peak_ram_mb"] = round(max(peak, report.get("peak_ram_mb") or 0.0), 1)
     (folder / OUTPUT_FILES["report"]).write_text(json.dumps(to_json(report), indent=2))
-
-
-def replace_folder(staging: Path, outdir: Path) -> None:
-    """Move ``staging`` to ``outdir``, replacing an existing folder only once the new one is complete."""
-    if outdir.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old-", dir=outdir.parent))
-        backup.rmdir()
-        outdir.rename(backup)
-        staging.rename(outdir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        staging.rename(outdir)
-    outdir.chmod(0o755)
 
 
 def to_json(value: Any) -> Any:

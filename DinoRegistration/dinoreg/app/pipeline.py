@@ -28,6 +28,7 @@ from dinoreg.optim.affine import AffineSettings, affine_registration
 from dinoreg.peak_memory import peak_rss_mb
 from dinoreg.progress import Progress
 from dinoreg.report import metrics
+from dinoreg.report.quality import input_warnings, result_warnings
 
 #: methods tried in order by ``method='auto'``: the best one that can run here wins
 AUTO_PREFERENCE = ["dino-mind", "dino-zeroshot", "mind-zeroshot", "affine"]
@@ -75,18 +76,25 @@ def choose_method(options: RegistrationOptions) -> tuple[Method, dict[str, Any]]
             raise InputError(f"method '{options.method}' cannot run here: {availability.reason}")
         return method, params
     methods = registry()
+    value_errors = []
     for candidate in AUTO_PREFERENCE:
         if candidate not in methods:
             continue
         method = methods[candidate]()
         try:
             params = method.parameters(options.preset, options.params)
-        except InputError:
+        except InputError as error:
+            if not str(error).startswith(("unknown parameter", "unknown preset")):
+                value_errors.append(str(error))  # a known parameter with a bad value: say that
             continue  # a parameter or preset this method does not know: not a candidate
         if method.availability(params).ok:
             return method, params
-    raise InputError(f"no method accepts preset {options.preset!r} and parameters {sorted(options.params)}: "
-                     "name one with --method (see 'dinoreg methods')")
+    if value_errors:
+        raise InputError(value_errors[0])
+    asked = ([f"preset {options.preset!r}"] if options.preset else []) + \
+        ([f"parameter(s) {', '.join(sorted(options.params))}"] if options.params else [])
+    raise InputError(f"no available method accepts {' and '.join(asked) or 'these options'}: name one with --method "
+                     "(see 'dinoreg methods' for each method's presets and parameters)")
 
 
 def plan_stages(progress: Progress, method_weights: dict[str, float], options: RegistrationOptions,
@@ -168,6 +176,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if fixed_labels is not None and moving_labels is not None:
         unregistered_labels = resample_without_transform(moving_labels, fixed.grid, "nearest")
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
+
+    report["warnings"] = input_warnings({"fixed image": fixed, "moving image": moving}) + result_warnings(report)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)
 

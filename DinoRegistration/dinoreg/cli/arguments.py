@@ -10,7 +10,9 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     params = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise InputError(f"--param '{pair}' is not KEY=VALUE: write e.g. --param regularisation=2.0")
+        if not value.strip():
+            raise InputError(f"--param '{pair}' has no value after '=': write e.g. --param {key.strip()}=2.0")
         params[key.strip()] = value.strip()
     return params

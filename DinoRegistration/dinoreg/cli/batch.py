@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any
 
-from dinoreg.app.batch import BatchSettings, read_pairs, run_batch
+from dinoreg.app.batch import PATH_COLUMNS, BatchSettings, read_pairs, run_batch
+from dinoreg.app.output_policy import BATCH, check_output_target
 from dinoreg.cli.arguments import parse_params
 from dinoreg.errors import InputError
 
@@ -47,6 +48,8 @@ def command_batch(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: give at least 1")
     pairs = read_pairs(args.pairs, args.method, args.preset)
+    inputs = [args.pairs] + [getattr(pair, column) for pair in pairs for column in PATH_COLUMNS]
+    check_output_target(args.output, inputs, kind=BATCH)  # the table is an input too
     settings = BatchSettings(params=parse_params(args.param), use_affine=not args.no_affine, device=args.device)
     bar = None
     if not args.quiet:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
+import warnings
 from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dinoreg.app.output_policy import check_output_file
 from dinoreg.cli.arguments import parse_params
 from dinoreg.cli.batch import add_batch_command
 from dinoreg.cli.devices import command_devices
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     json_events = getattr(args, "progress_json", False)
+    show_warnings_in_one_line()
     signal.signal(signal.SIGTERM, raise_cancelled)  # a terminated run cleans up like a cancelled one
     try:
         return args.func(args)
@@ -61,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             report_error("out of GPU memory: retry with --device cpu or --preset fast", json_events)
             return 1
         raise
+
+
+def show_warnings_in_one_line() -> None:
+    """Python warnings (qform/sform, GPU fallback, ...) as ``dinoreg: warning: ...`` lines on stderr."""
+    def show(message: Warning | str, category: type, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"dinoreg: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def raise_cancelled(signum: int, frame: object) -> None:
@@ -131,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
     if with_output:
-        parser.add_argument("-o", "--output", required=True, help="output folder (created; replaced if it exists)")
+        parser.add_argument("-o", "--output", required=True, help="output folder: new, empty, or an earlier dinoreg result (only its files are replaced)")
     parser.add_argument("--method", default="auto", help="registration method (see 'dinoreg methods'); "
                         "auto = best available")
     parser.add_argument("--preset", help="parameter preset of the method (e.g. brain-mr, body-ct, fast)")
@@ -165,7 +176,7 @@ def command_demo(args: argparse.Namespace) -> int:
     if status == 0 and not args.progress_json:
         outdir = Path(args.output).absolute()
         print(f"demo outputs in {outdir}:")
-        for name in sorted(p.name for p in outdir.iterdir()):
+        for name in sorted(p.name for p in outdir.iterdir() if not p.name.startswith(".")):
             print(f"  {outdir / name}")
     return status
 
@@ -185,7 +196,8 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports SimpleITK, numpy, scipy, torch
     from dinoreg.io.volumes import read_label_volume, read_mask, read_volume  # lazy: imports SimpleITK, numpy
 
-    outdir = check_output_folder(outdir)
+    outdir = check_output_folder(outdir, run_inputs(args, fixed_path, moving_path))
+    check_label_options(args)
     if args.scene:
         check_scene_support()
     fixed = read_volume(fixed_path, "fixed image")
@@ -204,12 +216,27 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
         result.report["landmarks"] = landmark_report(result, landmarks)
     inputs = {"fixed": str(fixed_path), "moving": str(moving_path)}
     write_outputs(result, outdir, inputs)
+    for warning in result.report.get("warnings") or ():
+        print(f"dinoreg: warning: {warning}", file=sys.stderr)
     if args.scene:
         write_scene_bundle = scene_writer()
 
         write_scene_bundle(outdir, Path(args.scene), fixed_path, moving_path)
     emit_done(result.report, outdir, args)
     return 0
+
+
+def run_inputs(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> list[str | Path | None]:
+    """Every file a run reads (the output folder may not be or contain one of them)."""
+    return [fixed_path, moving_path, args.fixed_mask, args.moving_mask, args.moving_labels, args.fixed_labels,
+            getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None)]
+
+
+def check_label_options(args: argparse.Namespace) -> None:
+    """Dice before/after needs both label maps: one alone would be ignored without a word."""
+    if args.fixed_labels and not args.moving_labels:
+        raise InputError("--fixed-labels needs --moving-labels too (Dice compares the warped moving labels with "
+                         "the fixed ones): add --moving-labels or drop --fixed-labels")
 
 
 def read_landmark_pair(fixed_path: str | None, moving_path: str | None) -> tuple | None:
@@ -360,17 +387,16 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_apply(args: argparse.Namespace) -> int:
-    from dinoreg.core.itk_files import read_transform  # lazy: imports SimpleITK, numpy, torch
+    from dinoreg.io.itk_files import read_transform  # lazy: imports SimpleITK, numpy, torch
     from dinoreg.core.spatial import resolve_device  # lazy: imports SimpleITK, numpy, torch
     from dinoreg.core.transforms import warp_volume  # lazy: imports SimpleITK, numpy, torch
     from dinoreg.io.volumes import read_volume, write_volume  # lazy: imports SimpleITK, numpy
 
+
+    output = check_output_file(args.output, (args.transform, args.moving, args.reference))
     transform = read_transform(args.transform)
     reference = read_volume(args.reference, "reference image")
     moving = read_volume(args.moving, "moving image")
-    output = Path(args.output)
-    if not output.parent.exists() or not os.access(output.parent, os.W_OK):
-        raise InputError(f"cannot write '{output}': its folder does not exist or is not writable")
     mode = "nearest" if args.labels else "linear"
     write_volume(warp_volume(moving, transform, reference.grid, mode, resolve_device(args.device)), output)
     print(f"wrote {output}", file=sys.stderr)

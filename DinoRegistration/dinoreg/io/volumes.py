@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -19,6 +20,8 @@ import SimpleITK as sitk
 
 from dinoreg.core.volume import Grid, Volume
 from dinoreg.errors import InputError
+from dinoreg.io.file_checks import check_header, check_input_file, check_metaimage_size
+from dinoreg.io.file_modes import honour_umask
 
 MGH_SUFFIXES = (".mgz", ".mgh")
 
@@ -38,16 +41,18 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
         elif path.name.lower().endswith(MGH_SUFFIXES):
             return check_scalar_3d(read_mgh(path), role, path, is_image)
         else:
-            check_file_complete(path, role)
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our checks say what matters, in one line
+            try:  # the header first: the budget is checked before any voxel is read (also by the NaN check)
+                check_header(path, role, is_image)
+            except RuntimeError:
+                check_input_file(path, role, is_image)  # a truncated or corrupted file says so
+                raise
+            check_input_file(path, role, is_image)
             image = sitk.ReadImage(str(path))
-            if is_image:
-                check_nifti_finite(path, role)
     except InputError:
         raise
     except (RuntimeError, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{role} '{path}' could not be read ({first_line[:120]}): "
-                         "use NIfTI, NRRD, MHA/MHD, MGZ or a DICOM series folder") from None
+        raise unreadable(path, role, error) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{role} '{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(colour or vector image): convert it to a single-channel greyscale volume")
@@ -57,29 +62,21 @@ def read_volume(path: str | os.PathLike, role: str = "image", is_image: bool = T
     return check_scalar_3d(Volume.from_sitk(image), role, path, is_image)
 
 
-def check_nifti_finite(path: Path, role: str) -> None:
-    """ITK's NIfTI reader silently turns NaN/inf voxels into 0, so a NaN slice would register as a
-    black slice; read the raw voxels with nibabel (a core dependency) to refuse them as other formats are."""
+def unreadable(path: Path, role: str, error: BaseException) -> InputError:
+    """One line for a file no reader understands: ITK's reason without its source paths, and the
+    formats to use (not suggesting the one the file is named as)."""
+    text = str(error).strip()
+    reason = next((line.split("ERROR:", 1)[-1].strip() for line in text.splitlines() if "ERROR:" in line), "")
+    reason = re.sub(r"(/[^\s:]+)+\.(cxx|hxx|h|cpp|txx)(:\d+)?:?", "", reason or (text.splitlines()[0] if text else ""))
+    reason = re.sub(r"\s+", " ", reason).strip(" :") or type(error).__name__
     name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return
-    try:
-        import nibabel  # lazy: only for NIfTI/MGZ header checks
-
-        image = nibabel.load(str(path))
-        if np.dtype(image.get_data_dtype()).kind != "f":
-            return
-        data = np.asanyarray(image.dataobj)
-    except Exception:  # nibabel missing or unable to parse what ITK read: keep ITK's reading
-        return
-    count = int(np.count_nonzero(~np.isfinite(data)))
-    if count:
-        raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with the image minimum) "
-                         "before registering")
-
-
-METAIMAGE_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
-                   "MET_ULONG": 8, "MET_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+    formats = [(".nii", "NIfTI"), (".nrrd", "NRRD"), (".mha", "MHA/MHD"), (".mgz", "MGZ")]
+    named_as = next((label for suffix, label in formats if suffix in name or (suffix == ".mha" and ".mhd" in name)), None)
+    others = [label for _, label in formats if label != named_as] + ["a DICOM series folder"]
+    advice = (f"it is named as {named_as} but is not a readable {named_as} file: check that it was copied "
+              f"completely, or convert it to {', '.join(others[:-1])} or {others[-1]}") if named_as else \
+        f"use {', '.join(others[:-1])} or {others[-1]}"
+    return InputError(f"{role} '{path}' could not be read ({reason[:100]}): {advice}")
 
 
 def check_file_complete(path: Path, role: str) -> None:
@@ -119,23 +116,6 @@ def check_nifti_size(path: Path, file_bytes: int, role: str) -> None:
     needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
     if file_bytes < needed:
         raise InputError(f"{role} '{path}' is truncated ({file_bytes} of {needed} bytes): copy or download it again")
-
-
-def check_metaimage_size(path: Path, role: str) -> None:
-    with open(path, "rb") as stream:
-        head = stream.read(4096)
-    if b"ElementDataFile = LOCAL" not in head:
-        return
-    fields = dict(line.split(" = ", 1) for line in head[: head.index(b"ElementDataFile = LOCAL")].decode(
-        "latin-1").splitlines() if " = " in line)
-    if fields.get("CompressedData", "False").strip() == "True" or fields.get("ElementType", "").strip() not in METAIMAGE_BYTES:
-        return
-    voxels = int(np.prod([int(v) for v in fields.get("DimSize", "0").split()]))
-    channels = int(fields.get("ElementNumberOfChannels", "1"))
-    needed = head.index(b"ElementDataFile = LOCAL") + len(b"ElementDataFile = LOCAL") + 1 + \
-        voxels * channels * METAIMAGE_BYTES[fields["ElementType"].strip()]
-    if path.stat().st_size < needed:
-        raise InputError(f"{role} '{path}' is truncated ({path.stat().st_size} of {needed} bytes): copy it again")
 
 
 def read_dicom_series(folder: Path, role: str) -> sitk.Image:
@@ -178,7 +158,7 @@ def check_scalar_3d(volume: Volume, role: str, path: Path | str, is_image: bool 
         raise InputError(f"{role} '{path}' has a degenerate direction or spacing: fix its header")
     if not is_image:
         return volume
-    # (ITK's NIfTI reader turns NaN/inf into 0: check_nifti_finite looks at the raw voxels first.)
+    # (ITK's NIfTI reader turns NaN/inf into 0: file_checks.check_nifti looks at the raw voxels first.)
     if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
         count = int((~np.isfinite(volume.array)).sum())
         raise InputError(f"{role} '{path}' contains {count} NaN/inf voxels: replace them (e.g. with 0) before registering")
@@ -228,6 +208,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
             check_file_complete(Path(temporary), "written file")
         except InputError:
             raise OSError(errno.ENOSPC, "the file was cut short while writing (disk full?)", str(path)) from None
+        honour_umask(temporary)  # mkstemp made it 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from dinoreg.core.itk_files import sitk_part_to_step
+from dinoreg.io.itk_files import sitk_part_to_step
 from dinoreg.core.transforms import AffineMap, Transform
 from dinoreg.core.volume import Volume
 from dinoreg.errors import RegistrationFailed
@@ -140,11 +140,29 @@ def run_stage(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     except RuntimeError as error:
         message = str(error)
         if "outside" in message.lower() or "too many samples" in message.lower() or "no valid" in message.lower():
-            raise RegistrationFailed("fixed and moving do not overlap during affine alignment: check that both "
-                                     "images show the same anatomy, or turn the affine stage off if they are pre-aligned") from None
+            if not boxes_overlap(fixed, moving):
+                raise RegistrationFailed("fixed and moving do not overlap during affine alignment (their boxes in "
+                                         "physical space are apart): check that both images show the same anatomy and "
+                                         "have correct headers (origin, direction)") from None
+            # their boxes overlap: the optimisation moved the images apart, so "do not overlap" would be wrong
+            raise RegistrationFailed("the affine alignment diverged (the images overlap, but the optimisation moved "
+                                     "them apart): check that both images show the same anatomy, or turn the affine "
+                                     "stage off (--no-affine) if they are pre-aligned") from None
         raise
     progress.check()
     return transform
+
+
+def boxes_overlap(fixed: sitk.Image, moving: sitk.Image) -> bool:
+    """True when the axis-aligned physical bounding boxes (LPS mm) of the two images intersect."""
+    def box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+        size = image.GetSize()
+        corners = np.array([image.TransformContinuousIndexToPhysicalPoint(
+            [(-0.5 if bit == "0" else s - 0.5) for bit, s in zip(f"{n:03b}", size)]) for n in range(8)])
+        return corners.min(axis=0), corners.max(axis=0)
+
+    (low_f, high_f), (low_m, high_m) = box(fixed), box(moving)
+    return bool(np.all(np.maximum(low_f, low_m) <= np.minimum(high_f, high_m)))
 
 
 def affine_registration(fixed: Volume, moving: Volume, progress: Progress, settings: AffineSettings | None = None,

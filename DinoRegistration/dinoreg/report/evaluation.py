@@ -41,7 +41,7 @@ def evaluate_outputs(fixed_labels: str | None, warped_labels: str | None, label_
 def landmark_results(transform: str | None, fixed_landmarks: str | None, moving_landmarks: str | None) -> dict[str, Any]:
     import torch  # lazy: torch is not needed to start this command
 
-    from dinoreg.core.itk_files import read_transform  # lazy: imports SimpleITK, torch
+    from dinoreg.io.itk_files import read_transform  # lazy: imports SimpleITK, torch
 
     if not (transform and fixed_landmarks and moving_landmarks):
         raise InputError("landmark TRE needs --transform, --fixed-landmarks and --moving-landmarks")

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from dinoreg.core.transforms import AffineMap, DenseField, Transform
 from dinoreg.core.volume import Grid, copy_geometry_to_sitk
 from dinoreg.errors import InputError
+from dinoreg.io.file_modes import honour_umask
 
 
 def affine_to_sitk(affine: AffineMap) -> sitk.AffineTransform:
@@ -88,6 +89,7 @@ def write_transform(transform: Transform, path: str | os.PathLike) -> Path:
         except RuntimeError as error:  # ITK reports a full disk or a file-size limit this way
             raise OSError(errno.EIO, f"ITK could not write the file ({str(error).strip().splitlines()[-1][:100]})",
                           str(path)) from None
+        honour_umask(temporary)  # mkstemp made it 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
