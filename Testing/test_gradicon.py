@@ -141,3 +141,26 @@ def test_ct_and_mri_preprocessing_match_the_reference():
         expected = itk.array_from_image(unigradicon.preprocess(to_itk(volume), modality))
         ours = normalise_intensities(volume.array, modality).numpy()
         assert np.abs(ours - expected).max() < 1e-6
+
+
+def test_io_preset_gives_the_reference_instance_optimisation(tmp_path):
+    """Two steps of the reference's fine-tuning (its loss, Adam 2e-5, same random points) and ours."""
+    from DinoRegistrationLib.methods.published import instance_optimisation
+    from DinoRegistrationLib.progress import Progress
+
+    side = SIDE
+    reference = reference_network(side, seed=3)
+    path = tmp_path / "Step_2_final.trch"
+    torch.save(reference.regis_net.state_dict(), path)
+    ours = gradicon.load_gradicon(str(path))
+    torch.manual_seed(4)
+    moving, fixed = torch.rand(1, 1, side, side, side), torch.rand(1, 1, side, side, side)
+    torch.manual_seed(0)  # the reference draws its random points from the global generator
+    itk_wrapper.finetune_execute(reference, moving, fixed, 2, 2e-5)  # ends with a forward of the tuned
+    with torch.no_grad():                                             # network, then restores its weights
+        expected = (reference.phi_AB(reference.identity_map) - reference.identity_map) * (side - 1)
+        before = ours(moving, fixed)
+    params = {"io_iterations": 2, "io_learning_rate": 2e-5, "io_lambda": 1.5, "io_lncc_sigma": 5.0, "io_seed": 0}
+    field = instance_optimisation(ours, moving, fixed, params, Progress())
+    assert float((expected - before).abs().max()) > 1e-3  # the fine-tuning changed the field
+    assert float((field - expected).abs().max()) < 1e-4

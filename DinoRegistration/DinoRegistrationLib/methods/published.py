@@ -197,8 +197,26 @@ class PublishedMethod(Method):
 
 def instance_optimisation(network: Any, moving: torch.Tensor, fixed: torch.Tensor, params: dict[str, Any],
                           progress: Any) -> torch.Tensor:
-    """The reference's IO: Adam on a copy of the network's weights with its training loss, then its field."""
-    raise InputError("the io preset of the published networks is not available in this version: run without it")
+    """The reference's IO (``itk_wrapper.register_pair(finetune_steps=...)``): Adam on a copy of the
+    network's weights with the training loss (:func:`gradicon_loss`), then the tuned network's field.
+    Batch norm stays in evaluation mode, as in the reference."""
+    import copy
+
+    from ..networks.gradicon import gradicon_loss
+
+    iterations = int(params["io_iterations"])
+    tuned = copy.deepcopy(network)
+    optimiser = torch.optim.Adam(tuned.parameters(), lr=float(params["io_learning_rate"]))
+    generator = torch.Generator().manual_seed(int(params["io_seed"]))
+    with torch.enable_grad():
+        for iteration in range(iterations):
+            optimiser.zero_grad()
+            gradicon_loss(tuned, moving, fixed, float(params["io_lambda"]), float(params["io_lncc_sigma"]),
+                          generator).backward()
+            optimiser.step()
+            progress.update((iteration + 1) / iterations)
+    with torch.no_grad():
+        return tuned(moving, fixed)
 
 
 def published_method(name: str, label: str, summary: str) -> type[PublishedMethod]:

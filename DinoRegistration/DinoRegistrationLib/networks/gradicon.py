@@ -155,11 +155,15 @@ class GradICON(nn.Module):
             net = TwoStep(net, VectorFieldStep())
         self.netPhi, self.netPsi = net.netPhi, net.netPsi  # the authors' top-level keys
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def maps(self, moving: torch.Tensor, fixed: torch.Tensor) -> MapFn:
+        """The map (fixed points -> moving points, map units) the network predicts for the pair."""
         if moving.shape != fixed.shape or moving.dim() != 5:
             raise ValueError(f"GradICON takes two (1, 1, D, H, W) images of one shape, got {tuple(moving.shape)} "
                              f"and {tuple(fixed.shape)}")
-        phi = TwoStep.forward(self, moving, fixed)  # this module is the outer TwoStep
+        return TwoStep.forward(self, moving, fixed)  # this module is the outer TwoStep
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        phi = self.maps(moving, fixed)
         shape = tuple(moving.shape[2:])
         identity = identity_coordinates(shape, moving.device)
         scale = torch.tensor([n - 1 for n in shape], dtype=identity.dtype, device=identity.device).view(1, 3, 1, 1, 1)
@@ -172,3 +176,64 @@ def load_gradicon(path: str, device: torch.device | str = "cpu") -> GradICON:
     state = torch.load(path, map_location="cpu", weights_only=True)
     network.load_state_dict(state, strict=True)
     return network.to(device).eval()
+
+
+# ---------------------------------------------------------------------- the authors' loss (instance optimisation)
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1D Gaussian of ``4 sigma + 1`` taps (the reference's LNCC window)."""
+    size = int(sigma * 4 + 1)
+    half = (size - 1) * 0.5
+    taps = torch.exp(-0.5 * (torch.linspace(-half, half, steps=size) / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def blur(volume: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 1, D, H, W)`` with zero padding ("same" size)."""
+    k = kernel.to(volume.device, volume.dtype)
+    for shape in ((-1, 1, 1), (1, -1, 1), (1, 1, -1)):
+        volume = F.conv3d(volume, k.view(1, 1, *shape), padding="same")
+    return volume
+
+
+def lncc_loss(warped: torch.Tensor, target: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """1 - mean local normalised cross-correlation with Gaussian windows (the reference's ``LNCC``)."""
+    kernel = gaussian_kernel(sigma)
+    mean_w, mean_t = blur(warped, kernel), blur(target, kernel)
+    covariance = blur(warped * target, kernel) - mean_w * mean_t
+    variance_w = torch.relu(blur(warped * warped, kernel) - mean_w ** 2) + 1e-5
+    variance_t = torch.relu(blur(target * target, kernel) - mean_t ** 2) + 1e-5
+    return 1 - torch.mean(covariance / torch.sqrt(variance_w * variance_t))
+
+
+def gradicon_loss(network: GradICON, moving: torch.Tensor, fixed: torch.Tensor, lmbda: float = 1.5,
+                  sigma: float = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The published models' training (and instance optimisation) objective, symmetric in the pair.
+
+    ``LNCC(moving o phi_AB, fixed) + LNCC(fixed o phi_BA, moving)`` (zero outside the images) plus
+    ``lmbda`` times the gradient inverse-consistency penalty: the squared finite-difference
+    (step 0.001 map units) Jacobian of ``phi_AB o phi_BA - id`` at every other voxel of the identity
+    perturbed by Gaussian noise of 2 / W map units (W: the last axis' size).
+    """
+    shape = tuple(moving.shape[2:])
+    identity = identity_coordinates(shape, moving.device)
+    phi_ab, phi_ba = network.maps(moving, fixed), network.maps(fixed, moving)
+
+    def warp_zero(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        grid = (points * 2.0 - 1.0).flip(1).permute(0, 2, 3, 4, 1)
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    similarity = lncc_loss(warp_zero(moving, phi_ab(identity, True)), fixed, sigma) \
+        + lncc_loss(warp_zero(fixed, phi_ba(identity, True)), moving, sigma)
+    noise = torch.randn(identity.shape, generator=generator).to(moving.device)
+    points = (identity + 2 * noise / shape[-1])[:, :, ::2, ::2, ::2]
+    error = points - phi_ab(phi_ba(points, False), False)
+    delta = 0.001
+    penalty = torch.zeros((), device=moving.device)
+    for axis in range(3):
+        step = torch.zeros((1, 3, 1, 1, 1), device=moving.device)
+        step[0, axis] = delta
+        moved = points + step
+        error_step = moved - phi_ab(phi_ba(moved, False), False)
+        penalty = penalty + torch.mean(((error - error_step) / delta) ** 2)
+    return lmbda * penalty + similarity
