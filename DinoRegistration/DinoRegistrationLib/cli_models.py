@@ -27,6 +27,8 @@ def method_listing(method: Any) -> dict[str, Any]:
 
         row["weights"] = {"source": info.source, "present": info.present, "path": str(info.weights_path),
                           "sha256": info.sha256}
+        if info.size:
+            row["weights"]["size_mb"] = round(info.size / 1e6, 1)
         card = method.card()
         row["card"] = card_summary(card) if card else "model card not installed"
     return row
