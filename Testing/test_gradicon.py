@@ -1,7 +1,7 @@
 """uniGradICON / multiGradICON reproduce the authors' reference exactly (issue 18).
 
-The reference is the authors' pip package (``unigradicon`` + ``icon_registration``, in the test
-extra). Random weights (every tensor, including the last convolutions the authors initialise to
+The reference is the authors' pip package (``unigradicon`` + ``icon_registration``, installed by
+``./run setup`` with ``--no-deps``; see pyproject.toml). Random weights (every tensor, including the last convolutions the authors initialise to
 zero and the batch-norm statistics) are saved in the authors' file format (``torch.save`` of their
 registration network's state dict, as ``Step_2_final.trch``) and loaded by both.
 
