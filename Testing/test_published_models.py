@@ -33,6 +33,11 @@ def test_published_models_are_listed_with_provenance_and_licence(tmp_path, monke
         assert row["url"].startswith("https://github.com/uncbiag/uniGradICON/releases/download/")
         assert "weights licence unstated" in row["card"] and "download 283 MB" in row["card"]
     assert "published Dice 0.742 (0.760 with IO) on LUMIR 2024" in rows["unigradicon"]["card"]
+    listing = json.loads(dinoreg("methods", "--json", env=env).stdout)
+    methods = {row["name"]: row for row in (listing["methods"] if isinstance(listing, dict) else listing)}
+    row = methods["unigradicon"]
+    assert row["kind"] == "learned" and not row["available"] and row["weights"]["source"] == "published"
+    assert row["weights"]["size_mb"] == 282.8 and row["card"] == rows["unigradicon"]["card"]
     card = published.published_card("unigradicon")
     assert card["code"]["commit"] and "Apache-2.0" in card["code"]["licence"] and card["paper"].endswith("2403.05780")
     monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path))
