@@ -137,10 +137,13 @@ def test_ct_and_mri_preprocessing_match_the_reference():
     from DinoRegistrationLib.methods.published import normalise_intensities
 
     volume = Volume(blobs((20, 22, 24), 3, -1500, 2500), Grid((24, 22, 20)))
+    mask = volume.with_array((np.indices(volume.grid.shape).sum(axis=0) % 7 > 2).astype(np.uint8))
     for modality in ("ct", "mri"):
         expected = itk.array_from_image(unigradicon.preprocess(to_itk(volume), modality))
         ours = normalise_intensities(volume.array, modality).numpy()
         assert np.abs(ours - expected).max() < 1e-6
+        expected = itk.array_from_image(unigradicon.preprocess(to_itk(volume), modality, mask=to_itk(mask)))
+        assert np.abs(normalise_intensities(volume.array, modality, mask.array).numpy() - expected).max() < 1e-6
 
 
 def test_io_preset_gives_the_reference_instance_optimisation(tmp_path):

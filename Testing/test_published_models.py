@@ -106,3 +106,17 @@ def test_panel_offers_the_download_of_published_networks():
     assert needsWeights(row)
     assert shortReason(row) == "uniGradICON (trained network, download 283 MB) weights (283 MB) not downloaded yet"
     assert methodItems([row])[0]["toolTip"].startswith("published gradicon")
+
+
+def test_modality_choice_and_bad_input_give_one_line_errors():
+    import numpy as np
+
+    from DinoRegistrationLib.methods.published import detect_modality, normalise_intensities
+
+    assert detect_modality(np.array([-1024.0, 40.0]), "auto") == "ct"
+    assert detect_modality(np.array([0.0, 900.0]), "auto") == "mri"
+    assert detect_modality(np.array([0.0, 1.0]), "CT") == "ct"
+    with pytest.raises(InputError, match="modality must be ct, mri or auto"):
+        detect_modality(np.array([0.0]), "pet")
+    with pytest.raises(InputError, match="constant after clipping"):
+        normalise_intensities(np.full((4, 4, 4), 3000.0, dtype=np.float32), "ct")
