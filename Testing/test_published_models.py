@@ -118,5 +118,7 @@ def test_modality_choice_and_bad_input_give_one_line_errors():
     assert detect_modality(np.array([0.0, 1.0]), "CT") == "ct"
     with pytest.raises(InputError, match="modality must be ct, mri or auto"):
         detect_modality(np.array([0.0]), "pet")
-    with pytest.raises(InputError, match="constant after clipping"):
-        normalise_intensities(np.full((4, 4, 4), 3000.0, dtype=np.float32), "ct")
+    with pytest.raises(InputError, match="constant after CT normalisation"):
+        normalise_intensities(np.full((4, 4, 4), 3000.0, dtype=np.float32), "ct")  # all above the window
+    with pytest.raises(InputError, match="constant after MRI normalisation"):
+        normalise_intensities(np.full((4, 4, 4), 7.0, dtype=np.float32), "mri")

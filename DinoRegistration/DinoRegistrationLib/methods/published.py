@@ -87,12 +87,16 @@ def normalise_intensities(array: np.ndarray, modality: str, mask: np.ndarray | N
         flat = image.flatten()
         high = float(torch.kthvalue(flat, int(MRI_QUANTILE * flat.numel())).values)
     if high <= low:
-        raise InputError(f"the {modality.upper()} image is constant after clipping to [{low}, {high}]: it cannot be "
-                         "registered (check the image or set the modality parameter)")
+        raise InputError(f"the image is constant after {modality.upper()} normalisation (clipped to [{low:g}, "
+                         f"{high:g}]): check the image or the modality parameter (e.g. --param fixed_modality=ct)")
     clipped = image.clamp(low, high).double()
     result = ((clipped - low) * (1.0 / (high - low))).float()
     if mask is not None:
         result = result * torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))
+    if float(result.max()) == float(result.min()):  # the reference refuses it too (an assertion)
+        raise InputError(f"the image is constant after {modality.upper()} normalisation (clipped to [{low:g}, "
+                         f"{high:g}]{' and masked' if mask is not None else ''}): check the image, the mask or "
+                         "the modality parameter (e.g. --param fixed_modality=mri)")
     return result
 
 
