@@ -36,6 +36,8 @@ def check_card(card: dict[str, Any]) -> list[str]:
         if key not in card:
             problems.append(f"missing '{key}'")
     pre = card.get("preprocessing", {})
+    if card.get("published"):  # published networks (models/published.py) resize whole images: no spacing
+        return problems
     if not isinstance(pre, dict) or float(pre.get("spacing_mm", 0) or 0) <= 0:
         problems.append("preprocessing.spacing_mm must be a positive number of mm")
     elif str(pre.get("orientation", "any")).lower() != "any":
@@ -48,6 +50,10 @@ def check_card(card: dict[str, Any]) -> list[str]:
 
 def card_summary(card: dict[str, Any]) -> str:
     """One line for lists and tooltips: architecture and features, data, resolution, validation Dice."""
+    if card.get("published"):
+        from dinoreg.store.published import published_summary
+
+        return published_summary(card)
     features = card.get("features", {}).get("kind", "?")
     training = card.get("training", {}) or {}
     data = training.get("data", "untrained")

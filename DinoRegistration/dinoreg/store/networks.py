@@ -56,7 +56,7 @@ class ModelInfo:
     @property
     def fix(self) -> str:
         """What to do when the files are missing or damaged."""
-        if self.source == "download":
+        if self.source in ("download", "published"):
             return f"run 'dinoreg models download {self.name}'"
         if self.source == "shipped":
             return "restore the file from the repository (git checkout -- DinoRegistration/dinoreg/store/shipped)"
@@ -84,6 +84,7 @@ def list_models() -> list[ModelInfo]:
         infos.append(ModelInfo(name, str(entry.get("architecture", "?")), source, folder / f"{name}.safetensors",
                                folder / f"{name}.json", entry.get("sha256"), entry.get("size"), entry.get("url"),
                                entry.get("card_url")))
+    infos.extend(_published_infos())
     known = {info.name for info in infos}
     folder = models_dir()
     if folder.is_dir():
@@ -102,6 +103,16 @@ def list_models() -> list[ModelInfo]:
     return infos
 
 
+def _published_infos() -> list[ModelInfo]:
+    """Published networks of other authors (``models/published``): shipped card, downloaded weights."""
+    from dinoreg.store import published
+
+    return [ModelInfo(name, str(card["architecture"]), "published", published.weights_path(name),
+                      published.card_path(name), card["weights"].get("sha256"),
+                      card["weights"].get("approximate_bytes"), card["weights"]["url"])
+            for name, card in published.published_cards().items()]
+
+
 def find_model(name: str) -> ModelInfo | None:
     """The model called ``name``, or None."""
     return next((info for info in list_models() if info.name == name), None)
@@ -117,6 +128,10 @@ def download_model(name: str, progress: Any = None) -> Path:
     info = find_model(name)
     if info is None:
         raise InputError(f"unknown model '{name}': 'dinoreg models list' shows the known ones")
+    if info.source == "published":
+        from dinoreg.store.published import download_published
+
+        return download_published(name, progress)
     if info.source != "download":
         return info.card_path
     if not info.url or not info.card_url or not info.sha256:
@@ -156,6 +171,11 @@ def verify_model(name_or_path: str) -> str:
     from dinoreg.store.cards import card_summary
     from dinoreg.store.checkpoints import load_model
 
+    info = find_model(name_or_path)
+    if info is not None and info.source == "published":
+        from dinoreg.store.published import verify_published
+
+        return verify_published(name_or_path)
     network, card = load_model(name_or_path)
     multiple = int(network.shape_multiple)
     side = multiple * max(1, -(-8 // multiple))  # the smallest multiple of the shape rule >= 8 voxels
@@ -170,6 +190,11 @@ def clear_models(include_local: bool = False) -> list[Path]:
     """Delete downloaded models (and local ones with ``include_local``); shipped ones stay. Returns deleted files."""
     removed = []
     for info in list_models():
+        if info.source == "published":
+            from dinoreg.store.published import clear_published
+
+            removed.extend(clear_published(info.name))
+            continue
         if info.source == "download" or (include_local and info.source == "local"):
             for path in (info.weights_path, info.card_path):
                 if path.exists():
