@@ -67,7 +67,7 @@ def shortReason(method: Dict[str, Any]) -> str:
 def needsWeights(method: Dict[str, Any]) -> bool:
     weights = method.get("weights") or {}
     if weights:
-        return not weights.get("present", True) and weights.get("source", "download") == "download"
+        return not weights.get("present", True) and weights.get("source", "download") in ("download", "published")
     return "weights download" in str(method.get("reason", ""))
 
 

@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 from dinoreg.errors import InputError
-from dinoreg.store import card_summary, clear_models, download_model, list_models, models_dir, read_card
+from dinoreg.store import card_summary, clear_models, download_model, find_model, list_models, models_dir, read_card
+from dinoreg.store.published import published_card
 
 
 def method_listing(method: Any) -> dict[str, Any]:
@@ -26,6 +27,8 @@ def method_listing(method: Any) -> dict[str, Any]:
     if info is not None:
         row["weights"] = {"source": info.source, "present": info.present, "path": str(info.weights_path),
                           "sha256": info.sha256}
+        if info.size:
+            row["weights"]["size_mb"] = round(info.size / 1e6, 1)
         card = method.card()
         row["card"] = card_summary(card) if card else "model card not installed"
     return row
@@ -76,8 +79,29 @@ def list_handler(args: argparse.Namespace) -> int:
 
 def download_handler(args: argparse.Namespace) -> int:
     for name in args.names:
-        print(f"{name}: {download_model(name)}")
+        info = find_model(name)
+        progress = None
+        if info is not None and info.source == "published":
+            progress = _announce_published(name)
+        print(f"{name}: {download_model(name, progress)}")
     return 0
+
+
+def _announce_published(name: str) -> Any:
+    """Print a published model's provenance and weights licence before its download; a progress printer."""
+    card = published_card(name)
+    weights = card["weights"]
+    print(f"{name}: {card['paper']}\n  from {weights['url']} (about {weights['approximate_bytes'] / 1e6:.0f} MB)\n"
+          f"  code licence: {card['code']['licence']}\n  weights licence: {weights['licence']}", file=sys.stderr)
+    shown = [-1]
+
+    def progress(done: int, total: int | None) -> None:
+        percent = int(100 * done / total) if total else -1
+        if percent != shown[0] and (percent % 5 == 0 or percent < 0):
+            shown[0] = percent
+            print(f"  {done / 1e6:.0f} MB" + (f" ({percent} %)" if total else ""), file=sys.stderr, flush=True)
+
+    return progress
 
 
 def verify_handler(args: argparse.Namespace) -> int:

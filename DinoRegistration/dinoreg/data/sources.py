@@ -43,7 +43,7 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
     if data.source == "synthseg":
         from dinoreg.data import synthesis  # lazy: imports SimpleITK, numpy, scipy
         from dinoreg.data.brain_pairs import (DICE_LABELS, BrainPairSampler,  # lazy: imports SimpleITK, numpy, scipy
-                                              BrainSynthSettings)
+                                              BrainSynthSettings)  # lazy: imports SimpleITK, numpy, scipy
 
         if float(data.spacing_mm) != int(data.spacing_mm) or not 1 <= int(data.spacing_mm) <= 4:
             raise InputError(f"data.spacing_mm = {data.spacing_mm}: synthseg training works at 1, 2, 3 or 4 mm")
@@ -60,7 +60,7 @@ def make_source(data, device: torch.device | str = "cpu", multiple: int = 16):
         source.label_ids = list(DICE_LABELS)
         return source
     from dinoreg.data.volumes import (VolumePairSampler, csv_entries,  # lazy: imports SimpleITK, numpy, scipy
-                                      folder_entries)
+                                      folder_entries)  # lazy: imports SimpleITK, numpy, scipy
 
     entries = folder_entries(data.path, data.labels_path) if data.source == "folder" else csv_entries(data.path)
     source = VolumePairSampler(entries, data.spacing_mm, multiple, data.max_velocity_mm / data.spacing_mm, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # Modules whose import registers methods (``@register_method``). A new family adds its module here.
-BUILTIN_METHOD_MODULES = ["identity", "affine", "zeroshot", "learned"]
+BUILTIN_METHOD_MODULES = ["identity", "affine", "zeroshot", "published", "learned"]
 
 
 def load_builtin_methods() -> None:

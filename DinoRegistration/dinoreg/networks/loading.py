@@ -13,7 +13,10 @@ import torch
 
 from dinoreg.errors import InputError
 from dinoreg.networks import build_network
-from dinoreg.store import card_summary, locate_model, read_model_files
+from dinoreg.networks.gradicon import load_gradicon
+from dinoreg.store import card_summary, find_model, locate_model, read_model_files
+from dinoreg.store.cards import published_summary
+from dinoreg.store.published import published_card, published_weights
 
 
 def load_model(name_or_path: str | Path, device: str | Any = "cpu") -> tuple[Any, dict[str, Any]]:
@@ -49,8 +52,31 @@ def build_from_card(card: dict[str, Any], card_path: Path) -> torch.nn.Module:
                          "save the model again with this version of dinoreg") from None
 
 
+def load_published(name: str, device: Any = "cpu", path: str | Path | None = None) -> torch.nn.Module:
+    """A published network (uniGradICON family) with its downloaded weights (hash and layout checked)."""
+    path = published_weights(name, path)
+    try:
+        return load_gradicon(str(path), device)
+    except (RuntimeError, ValueError, OSError) as error:
+        raise InputError(f"'{path}' is not a {name} weight file ({str(error).splitlines()[0]}): delete it "
+                         "('dinoreg models clear') and download it again") from None
+
+
+def verify_published(name: str) -> str:
+    """Load the weights (hashes, layout) and run the network once on a small pair; one-line report."""
+    network = load_published(name)
+    with torch.no_grad():
+        field = network(torch.zeros((1, 1, 68, 68, 68)), torch.zeros((1, 1, 68, 68, 68)))
+    if not bool(torch.isfinite(field).all()):
+        raise InputError(f"model '{name}' produced non-finite values: its weights are damaged")
+    return f"{name}: ok ({published_summary(published_card(name))})"
+
+
 def verify_model(name_or_path: str) -> str:
     """Load a model (hash, card and architecture checked) and run a tiny forward; returns a one-line report."""
+    info = find_model(str(name_or_path))
+    if info is not None and info.source == "published":
+        return verify_published(str(name_or_path))
     network, card = load_model(name_or_path)
     multiple = int(network.shape_multiple)
     side = multiple * max(1, -(-8 // multiple))  # the smallest multiple of the shape rule >= 8 voxels

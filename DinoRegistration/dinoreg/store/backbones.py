@@ -27,6 +27,7 @@ from typing import Callable
 
 from dinoreg.errors import InputError, one_line
 from dinoreg.requirements import Availability
+from dinoreg.store.locations import backbones_dir, cache_root
 from dinoreg.store.backbone_catalog import ModelEntry, find_model, known_models
 from dinoreg.store.downloads import check_recorded_hash, download_verified, verify_hub_snapshot
 
@@ -42,13 +43,13 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def dinoreg_cache_dir() -> Path:
-    """Root of our own cache: ``$DINOREG_CACHE`` or ``~/.cache/dinoreg``."""
-    return Path(os.environ.get("DINOREG_CACHE") or "~/.cache/dinoreg").expanduser()
+    """Root of our own cache (``store.locations.cache_root``)."""
+    return cache_root()
 
 
 def dino_cache_dir() -> Path:
     """Our DINO weights: ``<dinoreg cache>/dino`` (``meta/`` downloads, ``converted/`` HF folders)."""
-    return dinoreg_cache_dir() / "dino"
+    return backbones_dir()
 
 
 def converted_dir(entry: ModelEntry) -> Path:

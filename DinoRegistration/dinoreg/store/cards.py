@@ -36,6 +36,8 @@ def check_card(card: dict[str, Any]) -> list[str]:
         if key not in card:
             problems.append(f"missing '{key}'")
     pre = card.get("preprocessing", {})
+    if card.get("published"):  # published networks (models/published.py) resize whole images: no spacing
+        return problems
     if not isinstance(pre, dict) or float(pre.get("spacing_mm", 0) or 0) <= 0:
         problems.append("preprocessing.spacing_mm must be a positive number of mm")
     elif str(pre.get("orientation", "any")).lower() != "any":
@@ -48,6 +50,8 @@ def check_card(card: dict[str, Any]) -> list[str]:
 
 def card_summary(card: dict[str, Any]) -> str:
     """One line for lists and tooltips: architecture and features, data, resolution, validation Dice."""
+    if card.get("published"):
+        return published_summary(card)
     features = card.get("features", {}).get("kind", "?")
     training = card.get("training", {}) or {}
     data = training.get("data", "untrained")
@@ -57,3 +61,20 @@ def card_summary(card: dict[str, Any]) -> str:
     steps = training.get("steps")
     steps_text = f", {steps} steps" if steps else ""
     return f"{card.get('architecture', '?')} on {features} features; trained on {data}{steps_text}; {spacing} mm; {dice_text}"
+
+
+def published_summary(card: dict[str, Any]) -> str:
+    """One line for lists and tooltips: authors' network, modality, published accuracy, download size, licence."""
+    accuracy = card.get("published_accuracy", {}) or {}
+    dice = accuracy.get("dice")
+    if isinstance(dice, (int, float)):
+        io = accuracy.get("dice_with_io")
+        score = f"published Dice {dice:.3f}" + (f" ({io:.3f} with IO)" if io else "") + f" on {accuracy.get('data')}"
+    else:
+        score = "no LUMIR Dice published"
+    weights = card.get("weights", {})
+    size = weights.get("approximate_bytes")
+    size_text = f"{size / 1e6:.0f} MB" if size else "size unknown"
+    return (f"published {card.get('architecture')} network ({card.get('paper', '?').split(',')[0]}); "
+            f"{card.get('modality', '?')}; {score} (not measured here); download {size_text}; "
+            f"weights licence {weights.get('licence', 'unstated')}")

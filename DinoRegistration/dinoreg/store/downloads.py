@@ -82,3 +82,51 @@ def verify_hub_snapshot(folder: str | os.PathLike) -> None:
     if bad:
         raise InputError(f"{', '.join(sorted(bad))} in {folder} do not match the hub's SHA-256: the download is "
                          "corrupted; delete the model (dinoreg weights clear --hub) and download it again")
+
+
+def download_resumable(url: str, target: str | os.PathLike, sha256: str | None = None,
+                       approximate_size: int | None = None, progress=None) -> Path:
+    """Download a large file ``url`` to ``target``: resumable, atomic, checked.
+
+    The bytes go to ``TARGET.part`` beside the target; an interrupted download continues from
+    there (HTTP Range) on the next call. When complete, the file's SHA-256 is compared with
+    ``sha256`` (when the publisher gives none, pass None: the first download's hash is recorded
+    in ``TARGET.sha256`` and :func:`check_recorded_hash` compares against it later); only then is
+    it renamed to ``target``. ``approximate_size`` (bytes) refuses a file less than half or more
+    than twice that size (an HTML error page, a different model). ``progress(done, total)`` is
+    called as bytes arrive (``total`` None when the server does not say).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{target}.part")
+    done = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+            if done and response.status != 206:  # the server ignored the range: start again
+                done = 0
+            length = response.headers.get("Content-Length")
+            total = done + int(length) if length is not None else None
+            with open(partial, "ab" if done else "wb") as out:
+                os.chmod(partial, 0o600)
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+    except OSError as error:
+        raise InputError(f"cannot download {url} ({error}): check the internet connection and run the same "
+                         "command again (the download continues where it stopped)") from None
+    size = partial.stat().st_size
+    if approximate_size and not approximate_size / 2 <= size <= approximate_size * 2:
+        partial.unlink()
+        raise InputError(f"download of {url} has {size} bytes, expected about {approximate_size}: it is not the "
+                         "model file (an error page?); nothing was kept, retry later")
+    actual = sha256_of(partial)
+    if sha256 is not None and actual != sha256.lower():
+        partial.unlink()
+        raise InputError(f"download of {url} has SHA-256 {actual}, expected {sha256}: it is corrupted or was "
+                         "tampered with; nothing was kept, retry later or from another network")
+    os.replace(partial, target)
+    Path(f"{target}.sha256").write_text(f"{actual}  {target.name}\n")
+    return target

@@ -25,16 +25,11 @@ from typing import Any
 from dinoreg.errors import InputError
 from dinoreg.store.checkpoints import WEIGHT_SUFFIXES, read_card, read_weights, stem_paths
 from dinoreg.store.downloads import sha256_of
+from dinoreg.store.locations import models_dir
+import dinoreg.store.published as published  # module reference: its card list is looked up at call time
 
 REGISTRY_FILE = Path(__file__).with_name("networks.json")
 SHIPPED_DIR = Path(__file__).with_name("shipped")
-
-
-def models_dir() -> Path:
-    """Downloaded and local models: ``$DINOREG_MODELS_DIR``, else ``<$DINOREG_CACHE or ~/.cache/dinoreg>/models``."""
-    if os.environ.get("DINOREG_MODELS_DIR"):
-        return Path(os.environ["DINOREG_MODELS_DIR"]).expanduser()
-    return Path(os.environ.get("DINOREG_CACHE") or "~/.cache/dinoreg").expanduser() / "models"
 
 
 @dataclass
@@ -58,7 +53,7 @@ class ModelInfo:
     @property
     def fix(self) -> str:
         """What to do when the files are missing or damaged."""
-        if self.source == "download":
+        if self.source in ("download", "published"):
             return f"run 'dinoreg models download {self.name}'"
         if self.source == "shipped":
             return "restore the file from the repository (git checkout -- DinoRegistration/dinoreg/store/shipped)"
@@ -86,22 +81,31 @@ def list_models() -> list[ModelInfo]:
         infos.append(ModelInfo(name, str(entry.get("architecture", "?")), source, folder / f"{name}.safetensors",
                                folder / f"{name}.json", entry.get("sha256"), entry.get("size"), entry.get("url"),
                                entry.get("card_url")))
+    infos.extend(_published_infos())
     known = {info.name for info in infos}
     folder = models_dir()
     if folder.is_dir():
-        for card_path in sorted(folder.glob("*.json")):
-            name = card_path.stem
+        for card_file in sorted(folder.glob("*.json")):
+            name = card_file.stem
             if name in known:
                 continue
             try:
-                card = json.loads(card_path.read_text())
+                card = json.loads(card_file.read_text())
             except (OSError, ValueError):
                 card = {}
-            weights = next((card_path.with_suffix(s) for s in (".safetensors", ".pth", ".pt")
-                            if card_path.with_suffix(s).exists()), card_path.with_suffix(".safetensors"))
-            infos.append(ModelInfo(name, str(card.get("architecture", "?")), "local", weights, card_path,
+            weights = next((card_file.with_suffix(s) for s in (".safetensors", ".pth", ".pt")
+                            if card_file.with_suffix(s).exists()), card_file.with_suffix(".safetensors"))
+            infos.append(ModelInfo(name, str(card.get("architecture", "?")), "local", weights, card_file,
                                    card.get("weights_sha256"), card.get("weights_bytes")))
     return infos
+
+
+def _published_infos() -> list[ModelInfo]:
+    """Published networks of other authors (``models/published``): shipped card, downloaded weights."""
+    return [ModelInfo(name, str(card["architecture"]), "published", published.weights_path(name),
+                      published.card_path(name), card["weights"].get("sha256"),
+                      card["weights"].get("approximate_bytes"), card["weights"]["url"])
+            for name, card in published.published_cards().items()]
 
 
 def find_model(name: str) -> ModelInfo | None:
@@ -117,6 +121,8 @@ def download_model(name: str, progress: Any = None) -> Path:
     info = find_model(name)
     if info is None:
         raise InputError(f"unknown model '{name}': 'dinoreg models list' shows the known ones")
+    if info.source == "published":
+        return published.download_published(name, progress)
     if info.source != "download":
         return info.card_path
     if not info.url or not info.card_url or not info.sha256:
@@ -153,6 +159,9 @@ def clear_models(include_local: bool = False) -> list[Path]:
     """Delete downloaded models (and local ones with ``include_local``); shipped ones stay. Returns deleted files."""
     removed = []
     for info in list_models():
+        if info.source == "published":
+            removed.extend(published.clear_published(info.name))
+            continue
         if info.source == "download" or (include_local and info.source == "local"):
             for path in (info.weights_path, info.card_path):
                 if path.exists():

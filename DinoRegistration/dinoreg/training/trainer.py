@@ -98,7 +98,7 @@ def validation_pairs(config: TrainingConfig, source: Any, cache: Path) -> list:
     if config.run.validation == "data":
         if config.run.validation_path:
             from dinoreg.data.volumes import (VolumePairSampler, csv_entries,  # lazy: imports SimpleITK, scipy
-                                              folder_entries)
+                                              folder_entries)  # lazy: imports SimpleITK, scipy
 
             path = Path(config.run.validation_path)
             entries = csv_entries(path) if path.suffix.lower() == ".csv" else folder_entries(path, config.data.labels_path)
