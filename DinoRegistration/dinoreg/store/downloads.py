@@ -35,8 +35,9 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def download_verified(url: str, target: str | os.PathLike, sha256: str | None = None) -> Path:
-    """Download ``url`` to ``target``; raise ``InputError`` (and keep nothing) on a hash mismatch."""
+def download_verified(url: str, target: str | os.PathLike, sha256: str | None = None, record: bool = True) -> Path:
+    """Download ``url`` to ``target``; raise ``InputError`` (and keep nothing) on a hash mismatch. With
+    ``record``, the SHA-256 is also written to ``<target>.sha256`` (checked by :func:`check_recorded_hash`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)  # mode 0600
@@ -54,7 +55,8 @@ def download_verified(url: str, target: str | os.PathLike, sha256: str | None = 
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    Path(f"{target}.sha256").write_text(f"{actual}  {target.name}\n")
+    if record:
+        Path(f"{target}.sha256").write_text(f"{actual}  {target.name}\n")
     return target
 
 

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dinoreg.errors import InputError
 from dinoreg.store.checkpoints import WEIGHT_SUFFIXES, read_card, read_weights, stem_paths
-from dinoreg.store.downloads import sha256_of
+from dinoreg.store.downloads import download_verified, sha256_of
 from dinoreg.store.locations import models_dir
 import dinoreg.store.published as published  # module reference: its card list is looked up at call time
 
@@ -127,32 +124,10 @@ def download_model(name: str, progress: Any = None) -> Path:
         return info.card_path
     if not info.url or not info.card_url or not info.sha256:
         raise InputError(f"model '{name}' has no url, card_url or sha256 in the registry: update dinoreg")
-    info.weights_path.parent.mkdir(parents=True, exist_ok=True)
-    weights_tmp, card_tmp = _fetch(info.url, info.weights_path), _fetch(info.card_url, info.card_path)
-    try:
-        actual = sha256_of(weights_tmp)
-        if actual != info.sha256:
-            raise InputError(f"download of '{name}' from {info.url} has SHA-256 {actual[:12]}... instead of "
-                             f"{info.sha256[:12]}...: retry later, or report the mismatch")
-        os.replace(weights_tmp, info.weights_path)
-        os.replace(card_tmp, info.card_path)
-    finally:
-        for leftover in (weights_tmp, card_tmp):
-            if leftover.exists():
-                leftover.unlink()
+    # the weights first (hash-checked, atomic), then the card: a model is present only with both
+    download_verified(info.url, info.weights_path, info.sha256, record=False)  # the registry pins the hash
+    download_verified(info.card_url, info.card_path, record=False)
     return info.card_path
-
-
-def _fetch(url: str, target: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=str(target.parent))
-    os.close(handle)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(name, "wb") as out:
-            shutil.copyfileobj(response, out, 2 ** 20)
-    except OSError as error:
-        Path(name).unlink(missing_ok=True)
-        raise InputError(f"cannot download {url} ({error}): check the internet connection and retry") from None
-    return Path(name)
 
 
 def clear_models(include_local: bool = False) -> list[Path]:
