@@ -315,3 +315,23 @@ def test_an_unavailable_method_blocks_register_with_the_reason_and_offers_the_do
     widget.onDownloadWeights()  # no internet here: the failure is reported in one line
     run_timer(widget, lambda: widget.weightsProcess is None, 120)
     assert ui.statusLabel.text.startswith("Downloading weights failed") or ui.statusLabel.text == "Model weights downloaded."
+
+
+def test_register_installs_only_the_chosen_methods_package_family(panel, monkeypatch):
+    """A fresh environment missing the DINO family: MIND registers without installing anything; a DINO method
+    asks once and installs the 'dino' family (transformers) through the installer, then re-checks."""
+    widget, ui, scene, _ = panel
+    installed = []
+    monkeypatch.setattr(DinoRegistration, "installEnginePackages", lambda info, families=(): installed.append(families))
+    monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: None)
+    monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: types.SimpleNamespace(close=lambda: None))
+    no_dino = {"missing": [], "outdated": [], "install": [],
+               "optional": {"dino": {"missing": ["transformers"], "outdated": [], "install": ["transformers>=5"]},
+                            "losses": {"missing": ["monai"], "outdated": [], "install": ["monai>=1.3"]}}}
+    p = widget._parameterNode
+    p.method = "mind-zeroshot"
+    widget.environment = no_dino
+    assert widget.packagesReady() and installed == []
+    p.method = "dino-zeroshot"
+    widget.environment = no_dino
+    assert not widget.packagesReady() and installed == [("dino",)] and widget.registerWhenReady

@@ -5,16 +5,26 @@ nothing is listed here.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from DinoRegistrationLib.requirements import (CORE_REQUIREMENTS, ENGINE_REQUIREMENTS, TORCH, installed_version,
                                              is_at_least, split_requirement)
 
 
-def missingSummary(info: Dict[str, Any]) -> str:
-    """'torch, monai; transformers 4.46 (needs >=5)' from a devices report ('' if nothing is missing)."""
-    return "; ".join(part for part in (", ".join(info.get("missing") or []), ", ".join(info.get("outdated") or []))
-                     if part)
+def methodFamilies(methodName: str) -> Tuple[str, ...]:
+    """The optional package families (``DinoRegistrationLib.requirements.EXTRA_REQUIREMENTS``) a method needs:
+    ('dino',) for the DINO feature methods; none for MIND, affine, identity, Automatic or the learned networks."""
+    return ("dino",) if (methodName or "").startswith("dino") else ()
+
+
+def missingSummary(info: Dict[str, Any], families: Iterable[str] = ()) -> str:
+    """'torch, monai; transformers 4.46 (needs >=5)' from a devices report ('' if nothing is missing): the core
+    packages and those of the optional ``families``."""
+    optional = info.get("optional") or {}
+    parts = [info] + [optional.get(family) or {} for family in families]
+    missing = [name for part in parts for name in part.get("missing") or []]
+    outdated = [name for part in parts for name in part.get("outdated") or []]
+    return "; ".join(part for part in (", ".join(missing), ", ".join(outdated)) if part)
 
 
 def pipRequirements(info: Dict[str, Any]) -> List[str]:
