@@ -268,7 +268,9 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
                     for index in range(segmentIds.GetNumberOfValues())]
             return labelmap, info
         if node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLScalarVolumeNode"):
-            if sameGeometry(node, image):
+            # the node itself only when it is written as is: same world voxels AND the image's parent transform
+            # (exportInputs writes it with the image's parent; under another parent it would move twice)
+            if sameGeometry(node, image) and node.GetParentTransformNode() is image.GetParentTransformNode():
                 return node, None
             return resampleInWorld(node, image), None
         raise RegistrationError(f"'{node.GetName()}' is not a segmentation or label map.")
