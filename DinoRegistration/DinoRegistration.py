@@ -136,6 +136,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.featureModelComboBox.connect("currentTextChanged(QString)", self.onFeatureModelChanged)
         self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
+        # ctkDirectoryButton emits directoryChanged only for a different folder: after Close Scene the parameter is
+        # reset while the button still shows the old folder, so choosing it again must count too
+        self.ui.outputDirectoryButton.connect("directorySelected(QString)", self.onOutputDirectoryChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
         self.ui.installButton.connect("clicked(bool)", self.onInstallPackages)
@@ -635,6 +638,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.resultWarped, p.resultTransform = result.warpedVolume, result.transform
             p.resultHeatmap, p.resultHeatmapBefore = result.heatmap, result.heatmapBefore
             p.resultJacobian = result.jacobian
+            p.resultReport, p.resultFolder = result.reportNode, result.outputDirectory or ""
             p.viewMode, p.showBefore = "fade", False
         finally:
             p.EndModify(wasModified)
@@ -678,6 +682,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.landmarkSummary = summary
         self.ui.landmarkSummaryLabel.text = formatLandmarkSummary(summary)
+        try:
+            self.logic.recordLandmarkCheck(summary, p.resultReport, p.resultFolder)
+        except OSError as error:
+            self.setStatus(f"The landmark check could not be added to report.json: {error}", error=True)
         table = self.ui.landmarkTable
         table.setRowCount(summary["count"])
         worst = set(summary["worst"])

@@ -10,6 +10,7 @@ catches the errors that would otherwise show only inside Slicer (a wrong name, a
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import types
@@ -284,6 +285,7 @@ def test_a_whole_session_in_the_panel(panel):
     summary = widget.landmarkSummary
     assert ui.landmarkSummaryLabel.text.startswith("Landmarks (3, by order)") and ui.landmarkTable.rows == 3
     assert summary["mean_before_mm"] == pytest.approx(np.linalg.norm(shift)) and summary["mean_after_mm"] < 1.0
+    assert json.loads(p.resultReport.GetText())["landmarks"]["count"] == 3  # the check reaches the report
     ui.landmarkTable.selectedRow = 0
     widget.updateJumpButton()
     assert ui.jumpButton.enabled

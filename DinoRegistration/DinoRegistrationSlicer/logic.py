@@ -376,6 +376,29 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         return checkLandmarks(fixedPoints, movingPoints, transform)
 
     @staticmethod
+    def recordLandmarkCheck(summary: Dict[str, Any], reportNode: Any = None, keptFolder: str = "") -> None:
+        """Add a landmark check (``landmarkCheck``'s summary) to the result's report as ``"landmarks"``: in the
+        report text node and, when the engine's files were kept, in that folder's report.json (our file,
+        replaced whole). Distances in mm, measured in Slicer's world (RAS)."""
+        entry = {**summary, "source": "Slicer panel (landmark check on the result's transform)"}
+        if reportNode is not None:
+            try:
+                report = json.loads(reportNode.GetText() or "{}")
+            except ValueError:
+                report = {}
+            report["landmarks"] = entry
+            reportNode.SetText(json.dumps(report, indent=2, default=float))
+        path = os.path.join(keptFolder, "report.json") if keptFolder else ""
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                report = json.load(file)
+            report["landmarks"] = entry
+            partial = path + ".partial"
+            with open(partial, "w", encoding="utf-8") as file:
+                json.dump(report, file, indent=2, default=float)
+            os.replace(partial, path)
+
+    @staticmethod
     def jumpToPoint(scene: Any, positionRas: Any) -> None:
         """Centre every slice view of ``scene`` on a RAS point (mm)."""
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
