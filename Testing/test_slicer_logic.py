@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,9 @@ def segment_centroid_ras(segmentation_node, index: int) -> np.ndarray:
 
 
 def temp_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("DinoRegistration-*")}
+    from DinoRegistrationSlicer.logic import workRoot
+
+    return {p.name for p in Path(workRoot()).glob("run-*")}
 
 
 # ---------------------------------------------------------------------------------------------- stand-in engine
@@ -564,3 +567,25 @@ def test_a_mask_with_the_image_world_geometry_under_another_parent_is_not_moved_
     assert np.allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)
     assert np.allclose(written.GetDirection(), image.GetDirection(), atol=1e-6)
     assert np.array_equal(sitk.GetArrayFromImage(written), array)
+
+
+def test_work_folders_left_by_a_closed_slicer_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    """Slicer closed mid-run leaves exported patient images: the next run removes work folders of processes
+    that no longer run (only 'run-<pid>-*' folders in our subfolder), and keeps live ones and foreign files."""
+    from DinoRegistrationSlicer import logic as logic_module
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    root = Path(logic_module.workRoot())
+    assert root == tmp_path / "DinoRegistration"  # Slicer's temporary folder, not the system's
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = root / f"run-{dead.pid}-abc123"
+    (stale / "inputs").mkdir(parents=True)
+    (stale / "inputs" / "fixed.nrrd").write_bytes(b"patient")
+    live = root / f"run-{os.getppid()}-def456"
+    live.mkdir()
+    foreign = root / "notes-1-x"
+    foreign.mkdir()
+    fresh = logic_module.newWorkDirectory()
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert Path(fresh).parent == root and Path(fresh).name.startswith(f"run-{os.getpid()}-")

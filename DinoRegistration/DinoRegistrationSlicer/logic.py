@@ -139,7 +139,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         options = options or RegistrationOptions()
         self.checkInputs(fixedVolume, movingVolume, options)
-        workDir = tempfile.mkdtemp(prefix="DinoRegistration-")
+        workDir = newWorkDirectory()
         try:
             paths = self.exportInputs(workDir, fixedVolume, movingVolume, fixedMask, movingMask, movingSegmentation)
             outputDir = os.path.join(workDir, "result")
@@ -425,6 +425,40 @@ class temporaryNodes:
         for node in reversed([n for n in added if n.GetID() not in self.before]):
             if self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
+
+
+def workRoot() -> str:
+    """Folder for this module's work folders: Slicer's temporary folder (Application settings) when known,
+    else the system's, in a 'DinoRegistration' subfolder (created)."""
+    app = getattr(slicer, "app", None)
+    base = getattr(app, "temporaryPath", "") or tempfile.gettempdir()
+    root = os.path.join(base, "DinoRegistration")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def processAlive(pid: int) -> bool:
+    """True if a process with id ``pid`` runs (signal 0 on POSIX; OpenProcess-free check elsewhere)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def newWorkDirectory(root: Optional[str] = None) -> str:
+    """A new work folder 'run-<pid>-XXXX' (exported patient images, engine outputs) under ``workRoot()``, after
+    removing the work folders that Slicer processes no longer running left behind (e.g. closed mid-run):
+    only folders of that naming in our own subfolder, so nothing we did not create is touched."""
+    root = root or workRoot()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "run" and parts[1].isdigit() and int(parts[1]) != os.getpid() \
+                and not processAlive(int(parts[1])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root)
 
 
 def parentToWorldMatrix(node: Any) -> Any:
