@@ -54,7 +54,7 @@ def test_method_list_today_plain_labels_by_recommendation_baselines_hidden():
     assert items[0]["text"].endswith("(unavailable)") and "weights download" in items[0]["toolTip"]
     assert items[2]["text"] == "MIND features (no model needed)"
     label = method_list.automaticLabel(TODAY)
-    assert label == "Automatic: mind-zeroshot (DINO weights not downloaded yet)"
+    assert label == "Automatic: MIND features (no model needed) (DINO weights not downloaded yet)"  # no internal name
     assert len(method_list.shortReason(TODAY[1])) < 80  # one line instead of six lines of cache paths
     assert method_list.needsWeights(TODAY[1]) and method_list.weightsName(TODAY[1]) == "dinov2_vits14_reg"
 
@@ -63,7 +63,7 @@ def test_method_list_with_rank_kind_card_and_weights():
     items = method_list.methodItems(RICH)
     assert [i["text"] for i in items] == ["Brain MR network", "DINOv2 features (unavailable)", "MIND features"]
     assert items[0]["toolTip"].startswith("Trained on OASIS")  # the model card
-    assert method_list.automaticLabel(RICH) == "Automatic: unet-oasis"
+    assert method_list.automaticLabel(RICH) == "Automatic: Brain MR network"
     assert method_list.shortReason(RICH[2]) == "DINOv2 features weights (88 MB) not downloaded yet"
     assert not method_list.needsWeights(RICH[3])  # shipped weights: nothing to download
 

@@ -241,7 +241,7 @@ def test_a_whole_session_in_the_panel(panel):
     assert ui.registerButton.enabled is False and ui.statusLabel.text == "Select the fixed and moving volumes."
     run_timer(widget, lambda: widget.methods and widget.methodsQuery.finished, 180)
     assert ui.environmentLabel.text.startswith("PyTorch ") and not ui.environmentWarningLabel.visible
-    assert ui.methodComboBox.items[0][0] == "Automatic: mind-zeroshot (DINO weights not downloaded yet)"
+    assert ui.methodComboBox.items[0][0] == "Automatic: MIND zero-shot (DINO weights not downloaded yet)"
     assert "identity" not in [item[1] for item in ui.methodComboBox.items]
     assert [item[0] for item in ui.presetComboBox.items] == ["Brain MR", "Body CT", "Fast", "Accurate"]
     assert ui.presetComboBox.enabled  # presets also for Automatic
