@@ -186,6 +186,14 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         self.cancelJob()
         self.setParameterNode(None)
+        self.clearLandmarkCheck()
+
+    def clearLandmarkCheck(self) -> None:
+        """Forget the landmark check: its points belong to the scene being closed."""
+        self.landmarkSummary = None
+        self.ui.landmarkTable.setRowCount(0)
+        self.ui.landmarkSummaryLabel.text = ""
+        self.updateJumpButton()
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
         if self.parent.isEntered:

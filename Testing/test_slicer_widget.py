@@ -290,6 +290,9 @@ def test_a_whole_session_in_the_panel(panel):
     widget.updateJumpButton()
     assert ui.jumpButton.enabled
     widget.onJumpToPoint()
+    widget.onSceneStartClose(None, None)  # Close Scene: the table of the closed scene's points goes too
+    assert ui.landmarkTable.rows == 0 and widget.landmarkSummary is None and not ui.jumpButton.enabled
+    widget.setParameterNode(p)  # (the scene is not really closed here: carry on with the same inputs)
 
     # cancel a second run: at once, and nothing is added
     count = scene.GetNumberOfNodes()
