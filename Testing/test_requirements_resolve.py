@@ -50,7 +50,7 @@ def test_requirements_resolve_with_wheels(python, tmp_path):
     command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
                "--only-binary=:all:", "--python-version", version, "--target", str(tmp_path / "target"),
                "--report", str(tmp_path / "report.json"), *requirement_list(python)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     if run.returncode != 0 and any(sign in run.stderr for sign in UNREACHABLE):
         pytest.skip(f"the package registry is unreachable from here: {run.stderr.strip().splitlines()[-1]}")
     assert run.returncode == 0, f"requirements do not resolve for Python {version}:\n{run.stderr[-3000:]}"
