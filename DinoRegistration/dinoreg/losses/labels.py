@@ -20,6 +20,11 @@ def dice_loss(fixed_one_hot: torch.Tensor, warped_one_hot: torch.Tensor) -> torc
     Both are ``(N, L, D, H, W)`` in [0, 1]: the fixed one-hot map and the moving one-hot map warped
     with ``mode="bilinear"`` (soft, differentiable). Put only foreground labels in the channels.
     """
-    from monai.losses import DiceLoss
+    try:
+        from monai.losses import DiceLoss
+    except ImportError as error:
+        from dinoreg.requirements import missing_family_error
+
+        raise missing_family_error("losses", "MONAI's losses") from error
 
     return DiceLoss(include_background=True, reduction="mean")(warped_one_hot, fixed_one_hot)

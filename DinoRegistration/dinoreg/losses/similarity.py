@@ -17,7 +17,12 @@ def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -
     """
     if window % 2 == 0 or window < 1:
         raise ValueError(f"the local NCC window must be an odd number of voxels, got {window}")
-    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    try:
+        from monai.losses import LocalNormalizedCrossCorrelationLoss
+    except ImportError as error:
+        from dinoreg.requirements import missing_family_error
+
+        raise missing_family_error("losses", "MONAI's losses") from error
 
     loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(window), kernel_type="rectangular")
     return 1.0 + loss(warped, fixed)

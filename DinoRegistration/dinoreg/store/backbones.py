@@ -198,8 +198,11 @@ def missing_model_message(source: ModelSource) -> str:
 
 def dino_availability(model: str | None = None) -> Availability:
     """Whether ``model`` can be loaded now without a download. Cheap: no torch or model loading."""
-    if importlib.util.find_spec("transformers") is None:
-        return Availability(False, "DINO features need the Python package 'transformers': pip install 'transformers>=5'")
+    from dinoreg.requirements import missing_family_message
+
+    lacking = missing_family_message("dino", "DINO features")
+    if lacking:
+        return Availability(False, lacking)
     try:
         source = resolve_model(model)
     except InputError as error:
