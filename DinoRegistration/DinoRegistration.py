@@ -18,7 +18,7 @@ import vtk
 import slicer
 from DinoRegistrationLib import methods as methodList
 from DinoRegistrationLib.install import installPackages as installEnginePackages
-from DinoRegistrationLib.install import missingSummary
+from DinoRegistrationLib.install import methodFamilies, missingSummary
 from DinoRegistrationLib.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
 from DinoRegistrationLib.landmarks import formatLandmarkSummary
 from DinoRegistrationLib.logic import DinoRegistrationLogic, demoFiles
@@ -109,7 +109,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.clearProcess: Optional[EngineProcess] = None
         self.environment: Optional[Dict[str, Any]] = None
         self.methods: List[Dict[str, Any]] = []
-        self.askedToInstall = False
+        self.askedToInstall: set = set()  # package families ('' = core) already offered this session
         self.registerWhenReady = False  # Register was pressed while packages were being installed
         self.landmarkSummary: Optional[Dict[str, Any]] = None
         self.timer = None
@@ -136,6 +136,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.featureModelComboBox.connect("currentTextChanged(QString)", self.onFeatureModelChanged)
         self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
+        # ctkDirectoryButton emits directoryChanged only for a different folder: after Close Scene the parameter is
+        # reset while the button still shows the old folder, so choosing it again must count too
+        self.ui.outputDirectoryButton.connect("directorySelected(QString)", self.onOutputDirectoryChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
         self.ui.installButton.connect("clicked(bool)", self.onInstallPackages)
@@ -183,6 +186,14 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
         self.cancelJob()
         self.setParameterNode(None)
+        self.clearLandmarkCheck()
+
+    def clearLandmarkCheck(self) -> None:
+        """Forget the landmark check: its points belong to the scene being closed."""
+        self.landmarkSummary = None
+        self.ui.landmarkTable.setRowCount(0)
+        self.ui.landmarkSummaryLabel.text = ""
+        self.updateJumpButton()
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
         if self.parent.isEntered:
@@ -448,40 +459,42 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGuiFromParameterNode()
 
     def packagesReady(self) -> bool:
-        """True if the engine's packages are present. Otherwise asks (once per session) and installs them,
+        """True if the engine's packages are present. Otherwise asks (once per session) and installs them (the core
+        packages, and those of the chosen method's family, e.g. transformers when a DINO method is first chosen),
         then re-checks in the background; Register continues by itself when the check passes."""
-        if self.environment is not None and not missingSummary(self.environment):
+        families = methodFamilies(self._parameterNode.method if self._parameterNode else "auto")
+        if self.environment is not None and not missingSummary(self.environment, families):
             return True
         if self.environment is None:
             self.setStatus("Still checking the Python environment: Register starts when it is done.")
             self.registerWhenReady = True
             self.startEnvironmentChecks()
             return False
-        missing = missingSummary(self.environment)
-        if self.askedToInstall:
+        missing = missingSummary(self.environment, families)
+        if (families or ("",))[0] in self.askedToInstall:
             self.setStatus(f"Missing Python packages: {missing}. Use Setup > Install packages.", error=True)
             return False
-        self.askedToInstall = True
+        self.askedToInstall.add((families or ("",))[0])
         if not slicer.util.confirmOkCancelDisplay(
                 f"DINO Registration needs these Python packages: {missing}.\n\nInstall them now? "
                 "PyTorch is a large download (up to a few GB) and installing may take several minutes.",
                 windowTitle="DINO Registration"):
             self.setStatus("Registration needs the missing Python packages.", error=True)
             return False
-        if self.installPackages():
+        if self.installPackages(families):
             self.registerWhenReady = True
         return False
 
     def onInstallPackages(self) -> None:
-        self.installPackages()
+        self.installPackages(methodFamilies(self._parameterNode.method if self._parameterNode else "auto"))
 
-    def installPackages(self) -> bool:
+    def installPackages(self, families: tuple = ()) -> bool:
         """Install PyTorch through PyTorch Utils when present, the rest with pip (Slicer's installers show their
         own progress), then re-check in the background: nothing here waits for the check."""
         dialog = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
         try:
             slicer.app.processEvents()
-            installEnginePackages(self.environment or {})
+            installEnginePackages(self.environment or {}, families)
         except Exception as error:
             logging.exception("DinoRegistration: installing packages failed")
             self.setStatus(f"Installing Python packages failed: {error}", error=True)
@@ -633,6 +646,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.resultWarped, p.resultTransform = result.warpedVolume, result.transform
             p.resultHeatmap, p.resultHeatmapBefore = result.heatmap, result.heatmapBefore
             p.resultJacobian = result.jacobian
+            p.resultReport, p.resultFolder = result.reportNode, result.outputDirectory or ""
             p.viewMode, p.showBefore = "fade", False
         finally:
             p.EndModify(wasModified)
@@ -676,6 +690,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.landmarkSummary = summary
         self.ui.landmarkSummaryLabel.text = formatLandmarkSummary(summary)
+        try:
+            self.logic.recordLandmarkCheck(summary, p.resultReport, p.resultFolder)
+        except OSError as error:
+            self.setStatus(f"The landmark check could not be added to report.json: {error}", error=True)
         table = self.ui.landmarkTable
         table.setRowCount(summary["count"])
         worst = set(summary["worst"])

@@ -163,3 +163,54 @@ def test_cli_refuses_unpaired_landmarks_before_registering(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "DinoRegistration")})
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_the_panels_landmark_check_reaches_the_report_node_and_the_kept_report_json(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' package is not slicer-core")
+    import vtk
+
+    from DinoRegistrationLib.logic import DinoRegistrationLogic
+
+    scene = slicer.vtkMRMLScene()
+    fixed = markups(scene, "F", FIXED_POINTS, ["a", "b", "c", "d"])
+    moving = markups(scene, "M", FIXED_POINTS + SHIFT_RAS, ["a", "b", "c", "d"])
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "moving to fixed")
+    linear = vtk.vtkTransform()
+    linear.Translate(*SHIFT_RAS)
+    transform.SetAndObserveTransformFromParent(linear)
+    report_node = scene.AddNewNodeByClass("vtkMRMLTextNode", "report")
+    report_node.SetText(json.dumps({"method": "mind-zeroshot"}))
+    (tmp_path / "report.json").write_text(json.dumps({"method": "mind-zeroshot"}))
+    summary = DinoRegistrationLogic.landmarkCheck(fixed, moving, transform)
+    DinoRegistrationLogic.recordLandmarkCheck(summary, report_node, str(tmp_path))
+    for report in (json.loads(report_node.GetText()), json.loads((tmp_path / "report.json").read_text())):
+        assert report["method"] == "mind-zeroshot" and report["landmarks"]["count"] == 4
+        assert report["landmarks"]["mean_after_mm"] == pytest.approx(0.0, abs=1e-6)
+        assert report["landmarks"]["mean_before_mm"] == pytest.approx(np.linalg.norm(SHIFT_RAS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no partial file left
+
+
+def test_an_fcsv_without_coordinate_system_line_is_read_as_slicer_reads_it(tmp_path):
+    """A versioned .fcsv without '# CoordinateSystem' is LPS for Slicer's storage node (its default); the engine
+    must read the same world points (checked against slicer-core's vtkMRMLMarkupsFiducialStorageNode)."""
+    path = tmp_path / "points.fcsv"
+    path.write_text("# Markups fiducial file version = 4.11\n"
+                    "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+                    "vtkMRMLMarkupsFiducialNode_0,10,20,30,0,0,0,1,1,1,0,F-1,,\n")
+    labels, lps = read_labelled_landmarks(path)
+    assert labels == ["F-1"] and np.allclose(lps, [[10.0, 20.0, 30.0]])  # the file's values are LPS
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLMarkupsFiducialStorageNode"):
+        pytest.skip("the 'slicer' package is not slicer-core")
+    scene = slicer.vtkMRMLScene()
+    node, storage = slicer.vtkMRMLMarkupsFiducialNode(), slicer.vtkMRMLMarkupsFiducialStorageNode()
+    scene.AddNode(node)
+    scene.AddNode(storage)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    ras = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPosition(0, ras)
+    assert np.allclose(np.array(ras) * (-1, -1, 1), lps[0])

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,9 @@ def segment_centroid_ras(segmentation_node, index: int) -> np.ndarray:
 
 
 def temp_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("DinoRegistration-*")}
+    from DinoRegistrationLib.logic import workRoot
+
+    return {p.name for p in Path(workRoot()).glob("run-*")}
 
 
 # ---------------------------------------------------------------------------------------------- stand-in engine
@@ -542,3 +545,47 @@ def test_weights_download_failure_is_reported_in_one_line(logic):
     assert process.wait(60) and process.returncode == 2
     message = DinoRegistrationLogic.lastErrorLine(process)
     assert "no-such-model" in message and not message.startswith("error")
+
+
+def test_a_mask_with_the_image_world_geometry_under_another_parent_is_not_moved_twice(logic, tmp_path):
+    """The mask sits under a shift T and its IJK-to-RAS is the image's moved by T^-1: in the world it covers the
+    image's voxels exactly (same-geometry case), but its own matrix differs from the image's. The written mask
+    must have the image's world geometry (it was written with the mask's matrix and the image's parent)."""
+    scene = new_scene()
+    fixed, moving = add_pair(scene)
+    shift = np.eye(4)
+    shift[:3, 3] = (7.0, -4.0, 2.0)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mask shift")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    shape = fixed.GetImageData().GetDimensions()[::-1]
+    array = np.zeros(shape, np.int16)
+    array[5:10, 6:12, 7:14] = 1
+    mask = add_volume(scene, "mask", array, np.linalg.inv(shift) @ FIXED_MATRIX, labelmap=True)
+    mask.SetAndObserveTransformNodeID(transform.GetID())
+    paths = logic.exportInputs(str(tmp_path), fixed, moving, fixedMask=mask)
+    written, image = sitk.ReadImage(paths["fixedMask"]), sitk.ReadImage(paths["fixed"])
+    assert np.allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-3)
+    assert np.allclose(written.GetDirection(), image.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(written), array)
+
+
+def test_work_folders_left_by_a_closed_slicer_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    """Slicer closed mid-run leaves exported patient images: the next run removes work folders of processes
+    that no longer run (only 'run-<pid>-*' folders in our subfolder), and keeps live ones and foreign files."""
+    from DinoRegistrationLib import logic as logic_module
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    root = Path(logic_module.workRoot())
+    assert root == tmp_path / "DinoRegistration"  # Slicer's temporary folder, not the system's
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = root / f"run-{dead.pid}-abc123"
+    (stale / "inputs").mkdir(parents=True)
+    (stale / "inputs" / "fixed.nrrd").write_bytes(b"patient")
+    live = root / f"run-{os.getppid()}-def456"
+    live.mkdir()
+    foreign = root / "notes-1-x"
+    foreign.mkdir()
+    fresh = logic_module.newWorkDirectory()
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert Path(fresh).parent == root and Path(fresh).name.startswith(f"run-{os.getpid()}-")

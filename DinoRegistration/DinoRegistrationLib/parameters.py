@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Union
 
 from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
-                    vtkMRMLSegmentationNode, vtkMRMLTransformNode)
+                    vtkMRMLSegmentationNode, vtkMRMLTextNode, vtkMRMLTransformNode)
 
 try:
     from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -74,6 +74,8 @@ class DinoRegistrationParameterNode:
     resultHeatmap: vtkMRMLScalarVolumeNode
     resultHeatmapBefore: vtkMRMLScalarVolumeNode
     resultJacobian: vtkMRMLScalarVolumeNode
+    resultReport: Union[vtkMRMLTextNode, None]  # the report.json text node: the landmark check is added to it
+    resultFolder: str = ""  # where the engine's files were kept ('' if not kept)
 
 
 if parameterNodeWrapper is not None:

@@ -8,26 +8,82 @@ only: this is imported where the engine's packages may be missing.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-#: import name -> pip requirement (distribution name and minimum version)
-ENGINE_REQUIREMENTS: Dict[str, str] = {
+from dinoreg.errors import InputError
+
+#: import name -> pip requirement (distribution name and minimum version): what every method needs
+CORE_REQUIREMENTS: Dict[str, str] = {
     "numpy": "numpy>=1.23",
     "scipy": "scipy>=1.9",
     "SimpleITK": "SimpleITK>=2.2",
     "torch": "torch>=2.1",
-    "transformers": "transformers>=5",
     "safetensors": "safetensors>=0.4",
-    "huggingface_hub": "huggingface_hub>=0.20",
-    "matplotlib": "matplotlib>=3.6",
     "PIL": "pillow>=9.2",
     "nibabel": "nibabel>=4.0",
     "tqdm": "tqdm>=4.60",
-    "monai": "monai>=1.3",
 }
+
+#: optional package families (pip extras of the same name), installed only when a method of the family is used:
+#: "dino" for the DINO feature methods (Hugging Face backbones), "losses" for MONAI's LNCC/Dice losses (training,
+#: and the learned methods' instance optimisation with io_similarity=lncc). Each entry may carry a
+#: ``python_version`` marker: transformers 5 has no Python 3.9 wheels (Slicer 5.6/5.8 ship Python 3.9), and
+#: 4.56 is the first 4.x with DINOv3 (``DINOv3ViTModel``) next to DINOv2 with registers.
+EXTRA_REQUIREMENTS: Dict[str, Dict[str, List[str]]] = {
+    "dino": {
+        "transformers": ['transformers>=4.56; python_version < "3.10"', 'transformers>=5; python_version >= "3.10"'],
+        "huggingface_hub": ["huggingface_hub>=0.20"],
+    },
+    "losses": {"monai": ["monai>=1.3"]},
+}
+
+
+def marker_holds(requirement: str, python: Tuple[int, int] = tuple(sys.version_info[:2])) -> bool:
+    """True if the requirement's marker (only ``python_version <op> "X.Y"`` is used here) holds for ``python``."""
+    _, _, marker = requirement.partition(";")
+    if not marker.strip():
+        return True
+    match = re.fullmatch(r'\s*python_version\s*(<=|>=|<|>|==|!=)\s*"(\d+)\.(\d+)"\s*', marker)
+    if not match:
+        raise ValueError(f"unsupported marker in {requirement!r}: only python_version comparisons are used")
+    op, wanted = match.group(1), (int(match.group(2)), int(match.group(3)))
+    return {"<": python < wanted, "<=": python <= wanted, ">": python > wanted, ">=": python >= wanted,
+            "==": python == wanted, "!=": python != wanted}[op]
+
+
+def for_this_python(requirements: List[str], python: Tuple[int, int] = tuple(sys.version_info[:2])) -> Optional[str]:
+    """The one requirement (marker removed) of ``requirements`` whose marker holds for ``python``, or None."""
+    for requirement in requirements:
+        if marker_holds(requirement, python):
+            return requirement.partition(";")[0].strip()
+    return None
+
+
+def declared_requirements() -> Dict[str, List[str]]:
+    """``{"": core list, "dino": [...], "losses": [...]}`` as pyproject.toml declares them (markers kept)."""
+    declared = {"": list(CORE_REQUIREMENTS.values())}
+    for family, packages in EXTRA_REQUIREMENTS.items():
+        declared[family] = [r for options in packages.values() for r in options]
+    return declared
+
+
+def family_requirements(family: str) -> Dict[str, str]:
+    """import name -> pip requirement for this Python of a family ("" or "core" for the core list)."""
+    if family in ("", "core"):
+        return dict(CORE_REQUIREMENTS)
+    if family not in EXTRA_REQUIREMENTS:
+        raise ValueError(f"unknown package family {family!r}: one of core, {', '.join(EXTRA_REQUIREMENTS)}")
+    chosen = {name: for_this_python(options) for name, options in EXTRA_REQUIREMENTS[family].items()}
+    return {name: requirement for name, requirement in chosen.items() if requirement}
+
+
+#: import name -> pip requirement for this Python, every family (core first)
+ENGINE_REQUIREMENTS: Dict[str, str] = {**CORE_REQUIREMENTS,
+                                       **{k: v for f in EXTRA_REQUIREMENTS for k, v in family_requirements(f).items()}}
 
 #: installed through Slicer's PyTorch Utils module (which picks the CUDA build), not plain pip
 TORCH = "torch"
@@ -83,25 +139,53 @@ def importable(import_name: str) -> bool:
 
 
 def check_requirements(version_of: Callable[[str], Optional[str]] = installed_version,
-                       can_import: Callable[[str], bool] = importable) -> Dict[str, List[str]]:
-    """``{"missing": [import names], "outdated": ["name 4.1 (needs >=5)", ...], "install": [pip requirements]}``
-    for this Python; ``install`` lists what pip (or PyTorch Utils, for torch) must install.
+                       can_import: Callable[[str], bool] = importable,
+                       families: Tuple[str, ...] = ("core",)) -> Dict[str, Any]:
+    """``{"missing": [import names], "outdated": ["name 4.1 (needs >=5)", ...], "install": [pip requirements],
+    "optional": {family: {"missing", "outdated", "install"}}}`` for this Python. The top-level keys cover the
+    ``families`` asked for (by default the core packages every method needs); ``optional`` reports each optional
+    family (see :data:`EXTRA_REQUIREMENTS`) separately, so a missing DINO backbone package never blocks MIND.
+    ``install`` lists what pip (or PyTorch Utils, for torch) must install.
 
     A package importable without installation metadata (e.g. one built into Slicer) counts as present:
     its version cannot be checked."""
-    missing, outdated, install = [], [], []
-    for name, requirement in ENGINE_REQUIREMENTS.items():
-        version = version_of(name)
-        minimum = split_requirement(requirement)[1]
-        if version is None:
-            if can_import(name):
-                continue
-            missing.append(name)
-            install.append(requirement)
-        elif not is_at_least(version, minimum):
-            outdated.append(f"{name} {version} (needs >={minimum})")
-            install.append(requirement)
-    return {"missing": missing, "outdated": outdated, "install": install}
+    def check(requirements: Dict[str, str]) -> Dict[str, List[str]]:
+        missing, outdated, install = [], [], []
+        for name, requirement in requirements.items():
+            version = version_of(name)
+            minimum = split_requirement(requirement)[1]
+            if version is None:
+                if can_import(name):
+                    continue
+                missing.append(name)
+                install.append(requirement)
+            elif not is_at_least(version, minimum):
+                outdated.append(f"{name} {version} (needs >={minimum})")
+                install.append(requirement)
+        return {"missing": missing, "outdated": outdated, "install": install}
+
+    asked: Dict[str, str] = {}
+    for family in families:
+        asked.update(family_requirements(family))
+    return {**check(asked), "optional": {family: check(family_requirements(family)) for family in EXTRA_REQUIREMENTS}}
+
+
+def missing_family_message(family: str, what: str) -> Optional[str]:
+    """One line naming the packages of ``family`` missing or too old for ``what`` (e.g. 'DINO features') and the fix,
+    or None when the family is complete."""
+    report = check_requirements(families=(family,))
+    problems = report["missing"] + report["outdated"]
+    if not problems:
+        return None
+    return (f"{what} need{'s' if not what.endswith('s') else ''} {', '.join(problems)}: "
+            f"pip install \"dinoreg[{family}]\" (in Slicer: the module installs them when the method is chosen)")
+
+
+def missing_family_error(family: str, what: str) -> Exception:
+    """The InputError to raise when importing a package of optional ``family`` failed (call it in ``except
+    ImportError``; the check costs a few metadata look-ups, so it is not run before every import)."""
+    return InputError(missing_family_message(family, what)
+                      or f"{what}: a package of the '{family}' family does not import: pip install -U \"dinoreg[{family}]\"")
 
 
 @dataclass

@@ -15,6 +15,10 @@ from typing import Any, Dict
 from dinoreg.requirements import check_requirements
 
 
+#: optional package family -> the methods that need it (see requirements.EXTRA_REQUIREMENTS)
+FAMILY_USERS = {"dino": "DINO feature methods (dino-*)", "losses": "training and learned instance optimisation with LNCC"}
+
+
 def probe_devices() -> Dict[str, Any]:
     """``{"python", "platform", "missing", "outdated", "install", "torch", "torch_error", "cuda": [{index, name,
     free_mb, total_mb}], "mps"}``; memory in MiB, measured now."""
@@ -50,6 +54,10 @@ def command_devices(args: Any) -> int:
             print(f"{label}: {', '.join(info[key])}")
     if info["install"]:
         print(f"install with: pip install {' '.join(repr(r) for r in info['install'])}")
+    for family, used_by in FAMILY_USERS.items():
+        lacking = info["optional"][family]["missing"] + info["optional"][family]["outdated"]
+        if lacking:
+            print(f"{used_by} need {', '.join(lacking)}: pip install \"dinoreg[{family}]\"")
     if info["torch_error"]:
         print(f"PyTorch does not load: {info['torch_error']}")
     elif info["torch"]:

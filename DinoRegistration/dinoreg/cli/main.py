@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help="comma-separated label ids to evaluate (default: all in both maps)")
     evaluate.add_argument("--jacobian", help="Jacobian determinant map (e.g. OUTDIR/jacobian.nii.gz)")
     evaluate.add_argument("--transform", help="transform.h5 (fixed -> moving) for landmark TRE")
-    evaluate.add_argument("--fixed-landmarks", help="fixed landmarks: .csv (x,y,z LPS mm) or Slicer .fcsv/.mrk.json (RAS)")
+    evaluate.add_argument("--fixed-landmarks", help="fixed landmarks: .csv (x,y,z LPS mm) or Slicer .fcsv/.mrk.json (frame read from the file; LPS if it names none, as in Slicer)")
     evaluate.add_argument("--moving-landmarks", help="corresponding moving landmarks, same formats")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(func=command_evaluate)

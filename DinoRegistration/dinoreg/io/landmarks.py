@@ -2,7 +2,7 @@
 
 Formats: ``.csv`` with columns x, y, z in LPS (ITK convention; an optional header row and a leading
 label column are allowed), Slicer ``.fcsv`` and ``.mrk.json`` (their coordinate system is read from
-the file, RAS by default, and converted: LPS = diag(-1, -1, 1) RAS). Points are (N, 3) arrays of mm.
+the file; an .fcsv without it is LPS, like Slicer's storage node reads it; .mrk.json defaults to LPS), and converted: LPS = diag(-1, -1, 1) RAS). Points are (N, 3) arrays of mm.
 
 The check pairs points placed on the fixed and on the moving image by label (when every point of
 both lists has a distinct label and at least one label is shared) or else by order, and reports the
@@ -61,11 +61,17 @@ def read_csv(path: Path) -> Tuple[List[str], np.ndarray]:
 
 
 def read_fcsv(path: Path) -> Tuple[List[str], np.ndarray]:
-    """Slicer's fiducial CSV: ``id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID``."""
+    """Slicer's fiducial CSV: ``id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID``.
+
+    Frame as Slicer's storage node reads it: the ``# CoordinateSystem`` line if any; else LPS (the storage
+    node's default) for a versioned file (``# Markups fiducial file version``), RAS for an unversioned one
+    (read as Slicer 3 format). Checked with slicer-core 5.13's vtkMRMLMarkupsFiducialStorageNode."""
     system = "RAS"
     labels, rows = [], []
     for line in path.read_text().splitlines():
         if line.startswith("#"):
+            if "file version" in line.lower() and "CoordinateSystem" not in line:
+                system = "LPS"
             if "CoordinateSystem" in line:
                 value = line.split("=")[-1].strip().upper()
                 system = "LPS" if value in ("LPS", "1") else "RAS"

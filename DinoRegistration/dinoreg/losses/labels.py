@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from dinoreg.requirements import missing_family_error
+
 
 def one_hot(labels: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
     """``(N, 1, D, H, W)`` integer label map -> ``(N, L, D, H, W)`` float one-hot of ``label_ids``
@@ -20,6 +22,9 @@ def dice_loss(fixed_one_hot: torch.Tensor, warped_one_hot: torch.Tensor) -> torc
     Both are ``(N, L, D, H, W)`` in [0, 1]: the fixed one-hot map and the moving one-hot map warped
     with ``mode="bilinear"`` (soft, differentiable). Put only foreground labels in the channels.
     """
-    from monai.losses import DiceLoss  # optional, heavy: training losses only
+    try:
+        from monai.losses import DiceLoss
+    except ImportError as error:
+        raise missing_family_error("losses", "MONAI's losses") from error
 
     return DiceLoss(include_background=True, reduction="mean")(warped_one_hot, fixed_one_hot)

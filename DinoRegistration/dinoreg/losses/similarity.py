@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from dinoreg.requirements import missing_family_error
 from dinoreg.core.geometry import warp
 
 
@@ -17,7 +18,10 @@ def local_ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -
     """
     if window % 2 == 0 or window < 1:
         raise ValueError(f"the local NCC window must be an odd number of voxels, got {window}")
-    from monai.losses import LocalNormalizedCrossCorrelationLoss  # optional, heavy: training losses only
+    try:
+        from monai.losses import LocalNormalizedCrossCorrelationLoss
+    except ImportError as error:
+        raise missing_family_error("losses", "MONAI's losses") from error
 
     loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=int(window), kernel_type="rectangular")
     return 1.0 + loss(warped, fixed)

@@ -16,7 +16,6 @@ Everything here except :func:`download_model` is cheap: no torch, no transformer
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from dinoreg.errors import InputError, one_line
-from dinoreg.requirements import Availability
+from dinoreg.requirements import Availability, missing_family_message
 from dinoreg.store.locations import backbones_dir, cache_root
 from dinoreg.store.backbone_catalog import ModelEntry, find_model, known_models
 from dinoreg.store.downloads import check_recorded_hash, download_verified, verify_hub_snapshot
@@ -201,8 +200,9 @@ def missing_model_message(source: ModelSource) -> str:
 
 def dino_availability(model: str | None = None) -> Availability:
     """Whether ``model`` can be loaded now without a download. Cheap: no torch or model loading."""
-    if importlib.util.find_spec("transformers") is None:
-        return Availability(False, "DINO features need the Python package 'transformers': pip install 'transformers>=5'")
+    lacking = missing_family_message("dino", "DINO features")
+    if lacking:
+        return Availability(False, lacking)
     try:
         source = resolve_model(model)
     except InputError as error:

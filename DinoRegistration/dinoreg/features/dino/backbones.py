@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from dinoreg.errors import InputError, one_line
+from dinoreg.requirements import ENGINE_REQUIREMENTS
 from dinoreg.features.dino.meta_checkpoint import convert_meta_state_dict, read_checkpoint
 from dinoreg.store import backbones as store
 from dinoreg.store.backbones import (DOWNLOAD_COMMAND, ModelSource, download_model, hub_offline, missing_model_message,
@@ -125,6 +126,11 @@ _DAMAGED_FILE_SIGNS = ("deserializ", "header", "unexpected end", "eof", "truncat
                        "invalid load key", "incomplete", "magic number", "failed to read", "safetensor")
 
 
+def transformers_requirement() -> str:
+    """'transformers>=5' (or '>=4.56' on Python 3.9, which transformers 5 does not support) for this Python."""
+    return ENGINE_REQUIREMENTS["transformers"]
+
+
 def transformers_version() -> str:
     try:
 
@@ -141,11 +147,11 @@ def load_failure_message(error: BaseException, source: ModelSource) -> str:
     text = f"{type(error).__name__}: {error}".lower()
     if isinstance(error, ImportError):
         return (f"{what}: the installed transformers ({transformers_version()}) cannot build it ({detail}): "
-                "install transformers>=5 (pip install -U 'transformers>=5')")
+                f"install {transformers_requirement()} (pip install -U '{transformers_requirement()}')")
     if "does not recognize this architecture" in text or "unrecognized model" in text or (
             isinstance(error, (KeyError, ValueError)) and "model_type" in text):
         return (f"{what}: transformers {transformers_version()} does not know this model type ({detail}): "
-                "install transformers>=5 (pip install -U 'transformers>=5')")
+                f"install {transformers_requirement()} (pip install -U '{transformers_requirement()}')")
     if isinstance(error, MemoryError) or "out of memory" in text or "cannot allocate memory" in text:
         return f"{what}: not enough memory to load it ({detail}): close other programs or use a smaller model"
     if isinstance(error, PermissionError):
@@ -154,7 +160,7 @@ def load_failure_message(error: BaseException, source: ModelSource) -> str:
         return (f"{what}: the file is truncated or corrupted ({detail}): delete it and fetch it again "
                 f"({DOWNLOAD_COMMAND} {source.fetch_name})")
     return (f"{what} ({detail}): check that it is a DINOv2/DINOv3 checkpoint, and with transformers "
-            f"{transformers_version()} installed (transformers>=5 is needed)")
+            f"{transformers_version()} installed ({transformers_requirement()} is needed)")
 
 
 def _wrap(model: torch.nn.Module, location: str, device: torch.device) -> Backbone:
