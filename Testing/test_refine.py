@@ -19,13 +19,12 @@ from DinoRegistrationLib.volume import Volume
 
 @pytest.fixture(scope="module")
 def brain_1mm(brain_scan):
-    """A 1 mm real brain block (72x88x88 voxels) around the scan's centre, with its brain mask."""
+    """A 1 mm real brain block (88x88x72 voxels) around the scan's centre, with its brain mask."""
     image, labels = brain_scan
-    k, j, i = (n // 2 for n in image.array.shape)
-    block = (slice(k - 36, k + 36), slice(j - 44, j + 44), slice(i - 44, i + 44))
-    array = np.ascontiguousarray(image.array[block])
-    mask = np.ascontiguousarray(labels.array[block] > 0)
-    return Volume.from_array_ras(array.transpose(2, 1, 0).copy()), mask
+    a, b, c = (n // 2 for n in image.array.shape)
+    block = (slice(a - 44, a + 44), slice(b - 44, b + 44), slice(c - 36, c + 36))
+    volume = Volume.from_array_ras(np.ascontiguousarray(image.array[block]))
+    return volume, np.ascontiguousarray(labels.array[block] > 0)
 
 
 def smooth_deformation(shape, amplitude_voxels: float) -> torch.Tensor:
@@ -56,7 +55,8 @@ def test_refinement_recovers_a_known_smooth_deformation_at_1mm(brain_1mm):
 
 
 def test_refine_alone_is_diffeomorphic_and_improves_local_ncc(brain_1mm):
-    """The refinement on its own, from zero, with a weak regulariser and large steps: no folding."""
+    """The refinement on its own with its default settings, from zero, against a 3-voxel deformation:
+    no folding, and the images much closer."""
     moving, _ = brain_1mm
     image = torch.from_numpy(moving.array).float()[None, None]
     image = (image - image.min()) / (image.max() - image.min())
@@ -64,7 +64,7 @@ def test_refine_alone_is_diffeomorphic_and_improves_local_ncc(brain_1mm):
     from DinoRegistrationLib import geometry
 
     fixed = geometry.warp(image, geometry.from_ijk_channels(truth))
-    settings = RefineSettings(iterations=40, learning_rate=2.0, regularisation=0.0, integration_steps=5)
+    settings = RefineSettings(iterations=40)
     field = refine(fixed, image, torch.zeros_like(truth), settings, (1.0, 1.0, 1.0))
     jacobian = geometry.jacobian_determinant(geometry.from_ijk_channels(field))
     assert float(jacobian.min()) > 0

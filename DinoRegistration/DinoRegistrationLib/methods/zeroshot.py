@@ -57,14 +57,16 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "diffeomorphic": True,              # stationary velocity + scaling and squaring: no folding
     "integration_steps": 2,             # 3 or 4 gave the same Dice (+0.0003), SDlogJ and no folding on real brains
     # fine refinement (optim/refine.py): a diffeomorphic Adam stage on a finer grid after ConvexAdam
-    "refine_spacing_mm": 0.0,           # grid of the refinement (mm, never finer than the fixed image); 0 = off
-    "refine_iterations": 30,
+    "refine_spacing_mm": 2.4,           # grid of the refinement (mm, never finer than the fixed image); 0 = off.
+                                        # 2.4 mm, 10 iterations: +0.013/+0.015 Dice on the two real directions for
+                                        # ~6-9 CPU s (issue 17; see BENCHMARKS.md)
+    "refine_iterations": 10,
     "refine_learning_rate": 0.5,        # Adam step, voxels of the refinement grid
     "refine_similarity": "ncc",         # "ncc" (local NCC, same contrast) or "mind" (MIND-SSC SSD, any contrast)
     "refine_ncc_radius": 2,             # local NCC window half-width, voxels
     "refine_regularisation": 1.0,       # diffusion weight per voxel (mm per mm)
     "refine_smoothing_passes": 1,
-    "refine_integration_steps": 4,
+    "refine_integration_steps": 2,
     "refine_memory_mb": 4096.0,         # the refinement grid is coarsened until its optimisation fits this
 }
 
@@ -93,11 +95,13 @@ DINO_STAGE_WEIGHTS = {**STAGE_WEIGHTS, STAGE_DINO: 20.0}
 
 # Presets overlay the defaults. 'brain-mr' is the tuned default itself (the defaults were tuned on brain MR).
 BRAIN_MR: dict[str, Any] = {}
-ACCURATE: dict[str, Any] = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_iterations": 30, "refine_spacing_mm": 1.0}
-BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5}
+ACCURATE: dict[str, Any] = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_iterations": 30, "refine_spacing_mm": 1.0,
+                             "refine_iterations": 30, "refine_integration_steps": 4}
+BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5, "refine_spacing_mm": 0.0}
 #: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
 BODY_CT_DINO: dict[str, Any] = {**BODY_CT, "ct_window": "-150,250"}
-FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 20}
+FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 20,
+                        "refine_spacing_mm": 0.0}
 
 
 def _presets(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
