@@ -28,9 +28,9 @@ def brain_1mm(brain_scan):
 
 
 def smooth_deformation(shape, amplitude_voxels: float) -> torch.Tensor:
-    """A smooth displacement ``(1, 3, K, J, I)`` (di, dj, dk) voxels: sines of ~40 mm wavelength."""
+    """A smooth displacement ``(1, 3, K, J, I)`` (di, dj, dk) voxels: sines of 60 mm wavelength."""
     k, j, i = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
-    wave = 2 * torch.pi / 40.0
+    wave = 2 * torch.pi / 60.0
     di = amplitude_voxels * torch.sin(wave * k) * torch.cos(wave * j)
     dj = amplitude_voxels * torch.sin(wave * i + 1.0) * torch.cos(wave * k)
     dk = amplitude_voxels * torch.cos(wave * i) * torch.sin(wave * j + 0.5)
@@ -38,15 +38,21 @@ def smooth_deformation(shape, amplitude_voxels: float) -> torch.Tensor:
 
 
 def test_refinement_recovers_a_known_smooth_deformation_at_1mm(brain_1mm):
-    """fixed = moving resampled through a known 2-voxel deformation; mind-zeroshot with the 1 mm
+    """fixed = moving resampled through a known 1.5-voxel deformation; mind-zeroshot with the 1 mm
     refinement (no affine) recovers it to within 0.3 mm on average inside the brain, without folding."""
     moving, mask = brain_1mm
-    truth_field = DenseField.from_voxel_displacement(smooth_deformation(moving.array.shape, 2.0), moving.grid)
+    truth_field = DenseField.from_voxel_displacement(smooth_deformation(moving.array.shape, 1.5), moving.grid)
     truth = Transform([truth_field])
     fixed = warp_volume(moving, truth, moving.grid)
     options = RegistrationOptions(method="mind-zeroshot", preset="accurate", use_affine=False, compute_inverse=False,
                                   compute_jacobian=False)
     result = register(fixed, moving, options)
+    # away from the block's faces: there the moving image is border-extended, the shift unobservable
+    mask = mask.copy()
+    for axis in range(3):
+        index = [slice(None)] * 3
+        index[axis] = np.r_[0:10, mask.shape[axis] - 10:mask.shape[axis]]
+        mask[tuple(index)] = False
     error = (result.transform.mapped_points(fixed.grid) - truth.mapped_points(fixed.grid)).norm(dim=-1).numpy()
     start = (truth.mapped_points(fixed.grid) - spatial.grid_points(fixed.grid)).norm(dim=-1).numpy()
     print(f"error inside the brain: mean {error[mask].mean():.3f} mm (before {start[mask].mean():.3f} mm)")
