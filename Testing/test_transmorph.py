@@ -1,0 +1,87 @@
+"""TransMorph reproduces the authors' code exactly (issue 18).
+
+The fixtures ``Testing/fixtures/transmorph_{half,full}.pt`` were made by
+``benchmarks/transmorph_reference.py``, which runs the AUTHORS' ``TransMorph.py`` (OASIS and IXI
+variants, repository commit in the script) with random values in every tensor at a small size;
+here the same state dict (their key names) loads strictly into our module and must give the same
+displacement field (< 1e-4 voxel).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinoreg.networks.transmorph import TRANSMORPH_CONFIG, TransMorph, load_transmorph
+
+FIXTURES = Path(__file__).with_name("fixtures")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def fixture(variant: str) -> dict:
+    return torch.load(FIXTURES / f"transmorph_{variant}.pt", weights_only=True)
+
+
+def our_config(data: dict) -> dict:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from transmorph_reference import our_config as convert  # lazy: the benchmark script is not a package
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return convert(data)
+
+
+@pytest.mark.parametrize("variant", ["half", "full"])
+def test_same_keys_and_shapes_as_the_authors(variant):
+    data = fixture(variant)
+    ours = {key: tuple(value.shape) for key, value in TransMorph(our_config(data)).state_dict().items()}
+    assert ours == {key: tuple(shape) for key, shape in data["keys"].items()}
+
+
+@pytest.mark.parametrize("variant", ["half", "full"])
+def test_field_matches_the_authors_code(variant, tmp_path):
+    data = fixture(variant)
+    network = TransMorph(our_config(data))
+    # the authors' checkpoint layout: a dict with 'state_dict' (and, in theirs, the optimiser and epoch)
+    state = {**data["state_dict"], "spatial_trans.grid": network.spatial_trans.grid.clone()}
+    path = tmp_path / "dsc0.8000.pth.tar"
+    torch.save({"epoch": 3, "state_dict": state, "best_dsc": 0.8, "optimizer": {"state": {}, "param_groups": []}}, path)
+    loaded = load_transmorph(str(path), our_config(data))
+    with torch.no_grad():
+        field = loaded(data["moving"].float(), data["fixed"].float())
+    assert field.shape == data["flow"].shape
+    assert float(data["flow"].abs().max()) > 1.0  # a real field, not a near-zero one
+    assert float((field - data["flow"]).abs().max()) < 1e-4
+
+
+def test_wrong_checkpoint_is_refused(tmp_path):
+    data = fixture("half")
+    state = dict(data["state_dict"])
+    state.pop("reg_head.0.bias")
+    path = tmp_path / "broken.pth.tar"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(RuntimeError, match="reg_head.0.bias"):
+        load_transmorph(str(path), our_config(data))
+
+
+def test_published_config_layout():
+    """The real configuration: the authors' 164 tensors; 46.77 M parameters for the IXI variant (the paper's
+    Table: TransMorph 46.77 M), the OASIS variant lacks only ``up4``'s and has a 16-channel ``up3``."""
+    half, full = TransMorph(), TransMorph({"variant": "full"})
+    assert TRANSMORPH_CONFIG["img_size"] == (160, 192, 224)
+    assert len(half.state_dict()) == 164
+    assert sum(p.numel() for p in full.parameters()) == 46_771_251
+    assert sum(p.numel() for p in half.parameters()) == 46_556_979
+    assert tuple(half.state_dict()["spatial_trans.grid"].shape) == (1, 3, 160, 192, 224)
+
+
+def test_unknown_config_and_odd_sizes_refused():
+    with pytest.raises(ValueError, match="unknown TransMorph config"):
+        TransMorph({"embed": 3})
+    network = TransMorph({"embed_dim": 6, "num_heads": (1, 1, 1, 1), "window_size": (2, 2, 2),
+                          "img_size": (32, 32, 32)}).eval()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        network(torch.zeros(1, 1, 32, 32, 48), torch.zeros(1, 1, 32, 32, 48))
