@@ -85,3 +85,46 @@ def test_unknown_config_and_odd_sizes_refused():
                           "img_size": (32, 32, 32)}).eval()
     with pytest.raises(ValueError, match="multiple of 32"):
         network(torch.zeros(1, 1, 32, 32, 48), torch.zeros(1, 1, 32, 32, 48))
+
+
+def test_method_runs_the_checkpoint_and_returns_the_field_in_physical_units(tmp_path, monkeypatch):
+    """The published method ``transmorph`` on images already of the network's size (the authors' setting):
+    min-max intensities, the authors' checkpoint file, and fixed voxel p -> moving p + u(p) in mm."""
+    import numpy as np
+
+    from dinoreg.core.spatial import grid_points
+    from dinoreg.core.transforms import Transform
+    from dinoreg.core.volume import Grid, Volume
+    from dinoreg.methods.base import RegistrationProblem, get_method
+    from dinoreg.methods.published import normalise_minmax
+    from dinoreg.store import published
+
+    data = fixture("half")
+    cards = published.published_cards()
+    card = dict(cards["transmorph"])
+    card["config"] = our_config(data)
+    monkeypatch.setattr(published, "published_cards", lambda: {**cards, "transmorph": card})
+    monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path / "models"))
+    network = TransMorph(card["config"]).eval()
+    target = published.weights_path("transmorph")
+    target.parent.mkdir(parents=True)
+    torch.save({"state_dict": {**data["state_dict"], "spatial_trans.grid": network.spatial_trans.grid}}, target)
+    network.load_state_dict(torch.load(target, weights_only=True)["state_dict"])
+
+    depth, height, width = card["config"]["img_size"]
+    spacing = np.array([1.2, 0.9, 1.5])  # (x, y, z) = (i, j, k) mm
+    grid = Grid((width, height, depth), np.array([-10.0, 4.0, 2.0]), spacing)
+    moving = Volume(200.0 * data["moving"][0, 0].float().numpy() + 30.0, grid)
+    fixed = Volume(500.0 * data["fixed"][0, 0].float().numpy(), grid)
+    method = get_method("transmorph")
+    assert method.kind == "learned" and method.availability().ok and not method.uses_affine_stage
+    transform = method.run(RegistrationProblem(fixed, moving), Transform())
+
+    with torch.no_grad():
+        expected = network(normalise_minmax(moving.array)[None, None], normalise_minmax(fixed.array)[None, None])
+    expected_mm = expected[0].permute(1, 2, 3, 0).numpy()[..., ::-1] * spacing  # (K, J, I, xyz)
+    mapped = transform.mapped_points(fixed.grid).numpy() - grid_points(fixed.grid).numpy()
+    assert np.abs(expected_mm).max() > 1.0
+    assert np.abs(mapped - expected_mm).max() < 1e-4
+    with pytest.raises(Exception, match="unknown parameter"):
+        method.run(RegistrationProblem(fixed, moving, params={"io_iterations": 5}), Transform())
