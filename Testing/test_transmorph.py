@@ -128,3 +128,23 @@ def test_method_runs_the_checkpoint_and_returns_the_field_in_physical_units(tmp_
     assert np.abs(mapped - expected_mm).max() < 1e-4
     with pytest.raises(Exception, match="unknown parameter"):
         method.run(RegistrationProblem(fixed, moving, params={"io_iterations": 5}), Transform())
+
+
+def test_card_carries_provenance_licence_and_the_atlas_space_warning(tmp_path, monkeypatch):
+    from dinoreg.methods.base import get_method
+    from dinoreg.store import find_model, published
+
+    card = published.published_card("transmorph")
+    assert card["architecture"] == "transmorph" and card["code"]["commit"] == "6357a1d7fc44c36db9b1d1ccaa372409253142cf"
+    assert card["code"]["licence"].startswith("MIT") and card["weights"]["licence"].startswith("unstated")
+    assert card["weights"]["url"].startswith("https://drive.google.com/uc?export=download&id=")
+    assert "atlas space" in card["preprocessing"]["orientation"]
+    assert "not measured here" in card["published_accuracy"]["source"]
+    assert "0.762" in card["published_accuracy"]["lumir_note"]
+    assert TransMorph(card["config"]).input_shape == (160, 192, 224)
+    monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path))
+    method = get_method("transmorph")
+    assert method.kind == "learned" and method.label.startswith("TransMorph")
+    reason = method.availability().reason
+    assert "dinoreg models download transmorph" in reason and "about 800 MB" in reason and "licence: unstated" in reason
+    assert find_model("transmorph").source == "published"
