@@ -21,8 +21,12 @@ FIXTURES = Path(__file__).with_name("fixtures")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def fixture_named(name: str) -> dict:
+    return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+
+
 def fixture(variant: str) -> dict:
-    return torch.load(FIXTURES / f"transmorph_{variant}.pt", weights_only=True)
+    return fixture_named(f"transmorph_{variant}")
 
 
 def our_config(data: dict) -> dict:
@@ -148,3 +152,36 @@ def test_card_carries_provenance_licence_and_the_atlas_space_warning(tmp_path, m
     reason = method.availability().reason
     assert "dinoreg models download transmorph" in reason and "about 800 MB" in reason and "licence: unstated" in reason
     assert find_model("transmorph").source == "published"
+
+
+# ---------------------------------------------------------------------- ViT-V-Net (the authors' IXI baseline)
+
+
+def test_vitvnet_field_matches_the_authors_code(tmp_path):
+    from dinoreg.networks.vitvnet_original import OriginalViTVNet, load_original_vitvnet
+
+    data = fixture_named("vitvnet_original")
+    config = our_config(data)
+    network = OriginalViTVNet(config)
+    ours = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    assert ours == {key: tuple(shape) for key, shape in data["keys"].items()}
+    path = tmp_path / "dsc0.7000.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {**data["state_dict"], "spatial_trans.grid": network.spatial_trans.grid}},
+               path)
+    loaded = load_original_vitvnet(str(path), config)
+    with torch.no_grad():
+        field = loaded(data["moving"].float(), data["fixed"].float())
+    assert float(data["flow"].abs().max()) > 1.0
+    assert float((field - data["flow"]).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="inputs of size"):
+        loaded(torch.zeros(1, 1, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32))
+
+
+def test_vitvnet_published_config_layout():
+    from dinoreg.networks.vitvnet_original import OriginalViTVNet
+
+    network = OriginalViTVNet()
+    state = network.state_dict()
+    assert tuple(state["transformer.embeddings.position_embeddings"].shape) == (1, 5 * 6 * 7, 252)
+    assert tuple(state["decoder.conv_more.0.weight"].shape) == (512, 252, 3, 3, 3)
+    assert tuple(state["reg_head.0.weight"].shape) == (3, 16, 3, 3, 3)
