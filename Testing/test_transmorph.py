@@ -185,3 +185,42 @@ def test_vitvnet_published_config_layout():
     assert tuple(state["transformer.embeddings.position_embeddings"].shape) == (1, 5 * 6 * 7, 252)
     assert tuple(state["decoder.conv_more.0.weight"].shape) == (512, 252, 3, 3, 3)
     assert tuple(state["reg_head.0.weight"].shape) == (3, 16, 3, 3, 3)
+
+
+def test_vitvnet_method_runs_the_checkpoint(tmp_path, monkeypatch):
+    """``vitvnet-ixi`` through the method: the authors' checkpoint file, the field in physical units."""
+    import numpy as np
+
+    from dinoreg.core.spatial import grid_points
+    from dinoreg.core.transforms import Transform
+    from dinoreg.core.volume import Grid, Volume
+    from dinoreg.methods.base import RegistrationProblem, get_method
+    from dinoreg.methods.published import normalise_minmax
+    from dinoreg.networks.vitvnet_original import OriginalViTVNet
+    from dinoreg.store import published
+
+    data = fixture_named("vitvnet_original")
+    cards = published.published_cards()
+    card = dict(cards["vitvnet-ixi"])
+    card["config"] = our_config(data)
+    assert card["architecture"] == "vitvnet-original" and "atlas" in card["preprocessing"]["orientation"]
+    monkeypatch.setattr(published, "published_cards", lambda: {**cards, "vitvnet-ixi": card})
+    monkeypatch.setenv("DINOREG_MODELS_DIR", str(tmp_path / "models"))
+    network = OriginalViTVNet(card["config"]).eval()
+    target = published.weights_path("vitvnet-ixi")
+    target.parent.mkdir(parents=True)
+    torch.save({"state_dict": {**data["state_dict"], "spatial_trans.grid": network.spatial_trans.grid}}, target)
+    network.load_state_dict(torch.load(target, weights_only=True)["state_dict"])
+
+    depth, height, width = card["config"]["img_size"]
+    spacing = np.array([1.0, 1.1, 0.8])
+    grid = Grid((width, height, depth), np.array([3.0, -4.0, 2.0]), spacing)
+    moving = Volume(90.0 * data["moving"][0, 0].float().numpy(), grid)
+    fixed = Volume(300.0 * data["fixed"][0, 0].float().numpy() - 20.0, grid)
+    transform = get_method("vitvnet-ixi").run(RegistrationProblem(fixed, moving), Transform())
+    with torch.no_grad():
+        expected = network(normalise_minmax(moving.array)[None, None], normalise_minmax(fixed.array)[None, None])
+    expected_mm = expected[0].permute(1, 2, 3, 0).numpy()[..., ::-1] * spacing
+    mapped = transform.mapped_points(fixed.grid).numpy() - grid_points(fixed.grid).numpy()
+    assert np.abs(expected_mm).max() > 0.5
+    assert np.abs(mapped - expected_mm).max() < 1e-4

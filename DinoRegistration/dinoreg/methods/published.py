@@ -1,5 +1,5 @@
 """Published registration networks run as their authors run them: uniGradICON and multiGradICON
-(below), and TransMorph (:class:`TransMorphMethod`, at the end).
+(below), and TransMorph / ViT-V-Net (:class:`AtlasSpaceMethod`, at the end).
 
 The processing reproduces the reference (``unigradicon-register``, i.e. ``unigradicon.preprocess``
 and ``icon_registration.itk_wrapper.register_pair``; checked against it in ``Testing/test_gradicon.py``):
@@ -229,12 +229,13 @@ def normalise_minmax(array: np.ndarray, mask: np.ndarray | None = None) -> torch
     return result
 
 
-class TransMorphMethod(PublishedMethod):
-    """TransMorph (Chen et al. 2022) with the authors' OASIS checkpoint (``networks/transmorph.py``).
+class AtlasSpaceMethod(PublishedMethod):
+    """TransMorph (Chen et al. 2022; ``networks/transmorph.py``) and ViT-V-Net (``networks/vitvnet_original.py``)
+    with the authors' checkpoints (OASIS, IXI).
 
-    The authors' OASIS pipeline, as far as it is theirs to reproduce: both images are already in
-    the training data's space (skull-stripped T1, affinely aligned to the Learn2Reg 2021 OASIS
-    space, 1 mm, 160 x 192 x 224 voxels, in that data's axis order) and scaled to [0, 1]. Here:
+    The authors' pipelines, as far as they are theirs to reproduce: both images are already in
+    the training data's space (skull-stripped T1, affinely aligned, 1 mm, 160 x 192 x 224 voxels,
+    in that data's axis order; for IXI the moving image is their atlas) and scaled to [0, 1]. Here:
 
     1. each image min-max scaled to [0, 1] (voxels outside a given mask set to 0);
     2. each image resampled WHOLE on its own voxel grid to the card's ``img_size`` (trilinear,
@@ -277,7 +278,8 @@ class TransMorphMethod(PublishedMethod):
         return to_network(fixed, shape, problem.device), to_network(moving_t, shape, problem.device), moving.grid
 
 
-METHOD_CLASSES: dict[str, type[PublishedMethod]] = {"gradicon": PublishedMethod, "transmorph": TransMorphMethod}
+METHOD_CLASSES: dict[str, type[PublishedMethod]] = {"gradicon": PublishedMethod, "transmorph": AtlasSpaceMethod,
+                                                     "vitvnet-original": AtlasSpaceMethod}
 
 
 def published_method(name: str, label: str, summary: str, architecture: str = "gradicon",

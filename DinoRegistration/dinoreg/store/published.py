@@ -1,4 +1,4 @@
-"""Published networks of other authors (uniGradICON, multiGradICON, TransMorph), run with their own weight files.
+"""Published networks of other authors (uniGradICON, multiGradICON, TransMorph, ViT-V-Net), run with their own weight files.
 
 Each has a card in ``models/published/<name>.json`` (shipped with dinoreg: authors, paper, licences,
 the weights' official URL, published accuracy). The weights are NOT redistributed: they are fetched
@@ -22,7 +22,7 @@ from dinoreg.store.locations import models_dir
 
 CARDS_DIR = Path(__file__).with_name("published")
 #: architectures ``dinoreg.networks.loading.load_published`` builds (``networks/gradicon.py``, ``networks/transmorph.py``)
-ARCHITECTURES = ("gradicon", "transmorph")
+ARCHITECTURES = ("gradicon", "transmorph", "vitvnet-original")
 
 
 def published_cards() -> dict[str, dict[str, Any]]:
