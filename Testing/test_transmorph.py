@@ -1,8 +1,8 @@
-"""TransMorph reproduces the authors' code exactly (issue 18).
+"""TransMorph and ViT-V-Net reproduce the authors' code exactly (issue 18).
 
-The fixtures ``Testing/fixtures/transmorph_{half,full}.pt`` were made by
+The fixtures ``Testing/fixtures/transmorph_{half,full}.pt`` and ``vitvnet_original.pt`` were made by
 ``benchmarks/transmorph_reference.py``, which runs the AUTHORS' ``TransMorph.py`` (OASIS and IXI
-variants, repository commit in the script) with random values in every tensor at a small size;
+variants) and ``ViTVNet.py`` (IXI baselines; repository commit in the script) with random values in every tensor at a small size;
 here the same state dict (their key names) loads strictly into our module and must give the same
 displacement field (< 1e-4 voxel).
 """
