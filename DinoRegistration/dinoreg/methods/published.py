@@ -1,4 +1,5 @@
-"""Published registration networks run as their authors run them: uniGradICON and multiGradICON.
+"""Published registration networks run as their authors run them: uniGradICON and multiGradICON
+(below), and TransMorph / ViT-V-Net (:class:`AtlasSpaceMethod`, at the end).
 
 The processing reproduces the reference (``unigradicon-register``, i.e. ``unigradicon.preprocess``
 and ``icon_registration.itk_wrapper.register_pair``; checked against it in ``Testing/test_gradicon.py``):
@@ -215,15 +216,83 @@ def instance_optimisation(network: Any, moving: torch.Tensor, fixed: torch.Tenso
         return tuned(moving, fixed)
 
 
-def published_method(name: str, label: str, summary: str) -> type[PublishedMethod]:
-    return register_method(type(f"Published_{name}", (PublishedMethod,),
-                                {"name": name, "model": name, "label": label, "summary": summary, "rank": 45}))
+def normalise_minmax(array: np.ndarray, mask: np.ndarray | None = None) -> torch.Tensor:
+    """An image scaled to [0, 1] by its minimum and maximum (float32), voxels outside ``mask`` set to 0:
+    the intensity range of the TransMorph authors' training data."""
+    image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        raise InputError(f"the image is constant ({low:g}): TransMorph needs an image with contrast; check the input")
+    result = ((image.double() - low) * (1.0 / (high - low))).float()
+    if mask is not None:
+        result = result * torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))
+    return result
+
+
+class AtlasSpaceMethod(PublishedMethod):
+    """TransMorph (Chen et al. 2022; ``networks/transmorph.py``) and ViT-V-Net (``networks/vitvnet_original.py``)
+    with the authors' checkpoints (OASIS, IXI).
+
+    The authors' pipelines, as far as they are theirs to reproduce: both images are already in
+    the training data's space (skull-stripped T1, affinely aligned, 1 mm, 160 x 192 x 224 voxels,
+    in that data's axis order; for IXI the moving image is their atlas) and scaled to [0, 1]. Here:
+
+    1. each image min-max scaled to [0, 1] (voxels outside a given mask set to 0);
+    2. each image resampled WHOLE on its own voxel grid to the card's ``img_size`` (trilinear,
+       ``align_corners=False``; the identity for images already of that size);
+    3. the network maps fixed network voxels ``p`` to moving network voxels ``p + u(p)``;
+    4. the field becomes our chain ``[DenseField, AffineMap]`` exactly as for uniGradICON
+       (:func:`field_transform`).
+
+    Nothing reorients, skull-strips or affinely aligns to the atlas: images outside the training
+    space give fields nobody has validated (the card says so). No instance optimisation.
+    """
+
+    stage_weights = {STAGE_PREPARE: 1.0, STAGE_NETWORK: 4.0, STAGE_OUTPUT: 1.0}
+    presets = {"default": {}}
+
+    def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
+        self.parameters(overrides=problem.params)  # rejects unknown parameters
+        progress = problem.progress
+        progress.stage(STAGE_PREPARE)
+        network = self.network(problem.device)
+        fixed_net, moving_net, moving_grid = self.network_inputs(problem, initial, {})
+        progress.stage(STAGE_NETWORK)
+        with torch.no_grad():
+            displacement = network(moving_net, fixed_net)
+        progress.stage(STAGE_OUTPUT)
+        return Transform(field_transform(displacement, problem.fixed.grid, moving_grid) + list(initial.steps))
+
+    def network_inputs(self, problem: RegistrationProblem, initial: Transform,
+                       params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Grid]:
+        moving, moving_mask = problem.moving, problem.moving_mask
+        if initial.steps:  # our affine stage ran (affine=true): moving resampled onto the fixed grid first
+            grid = problem.fixed.grid
+            moving = warp_volume(moving.with_array(moving.array.astype(np.float32)), initial, grid, "linear",
+                                 problem.device, default_value=float(moving.array.min()))
+            if moving_mask is not None:
+                moving_mask = warp_volume(moving_mask, initial, grid, "nearest", problem.device)
+        fixed = normalise_minmax(problem.fixed.array, None if problem.fixed_mask is None else problem.fixed_mask.array)
+        moving_t = normalise_minmax(moving.array, None if moving_mask is None else moving_mask.array)
+        shape = tuple(int(n) for n in self.card()["config"]["img_size"])
+        return to_network(fixed, shape, problem.device), to_network(moving_t, shape, problem.device), moving.grid
+
+
+METHOD_CLASSES: dict[str, type[PublishedMethod]] = {"gradicon": PublishedMethod, "transmorph": AtlasSpaceMethod,
+                                                     "vitvnet-original": AtlasSpaceMethod}
+
+
+def published_method(name: str, label: str, summary: str, architecture: str = "gradicon",
+                     rank: int = 45) -> type[PublishedMethod]:
+    return register_method(type(f"Published_{name}", (METHOD_CLASSES[architecture],),
+                                {"name": name, "model": name, "label": label, "summary": summary, "rank": rank}))
 
 
 def register_published() -> None:
-    """One method per shipped card of ``models/published`` (label and summary from the card)."""
+    """One method per shipped card of ``models/published`` (label, summary, class and rank from the card)."""
     for name, card in published.published_cards().items():
-        published_method(name, str(card.get("label", name)), published_summary(card))
+        published_method(name, str(card.get("label", name)), published_summary(card), str(card["architecture"]),
+                         int(card.get("rank", 45)))
 
 
 register_published()

@@ -14,6 +14,8 @@ import torch
 from dinoreg.errors import InputError
 from dinoreg.networks import build_network
 from dinoreg.networks.gradicon import load_gradicon
+from dinoreg.networks.transmorph import load_transmorph
+from dinoreg.networks.vitvnet_original import load_original_vitvnet
 from dinoreg.store import card_summary, find_model, locate_model, read_model_files
 from dinoreg.store.cards import published_summary
 from dinoreg.store.published import published_card, published_weights
@@ -53,9 +55,15 @@ def build_from_card(card: dict[str, Any], card_path: Path) -> torch.nn.Module:
 
 
 def load_published(name: str, device: Any = "cpu", path: str | Path | None = None) -> torch.nn.Module:
-    """A published network (uniGradICON family) with its downloaded weights (hash and layout checked)."""
+    """A published network (uniGradICON family, TransMorph, ViT-V-Net) with its downloaded weights (hash and layout
+    checked; the card's ``architecture`` picks the module, its ``config`` configures it)."""
     path = published_weights(name, path)
+    card = published_card(name)
     try:
+        if card["architecture"] == "transmorph":
+            return load_transmorph(str(path), dict(card["config"]), device)
+        if card["architecture"] == "vitvnet-original":
+            return load_original_vitvnet(str(path), dict(card["config"]), device)
         return load_gradicon(str(path), device)
     except (RuntimeError, ValueError, OSError) as error:
         raise InputError(f"'{path}' is not a {name} weight file ({str(error).splitlines()[0]}): delete it "
@@ -65,8 +73,11 @@ def load_published(name: str, device: Any = "cpu", path: str | Path | None = Non
 def verify_published(name: str) -> str:
     """Load the weights (hashes, layout) and run the network once on a small pair; one-line report."""
     network = load_published(name)
+    architecture = published_card(name)["architecture"]
+    # a small size each network accepts (ViT-V-Net takes its one input size only)
+    shape = {"transmorph": (64, 64, 64), "vitvnet-original": None}.get(architecture, (68, 68, 68)) or network.input_shape
     with torch.no_grad():
-        field = network(torch.zeros((1, 1, 68, 68, 68)), torch.zeros((1, 1, 68, 68, 68)))
+        field = network(torch.zeros((1, 1, *shape)), torch.zeros((1, 1, *shape)))
     if not bool(torch.isfinite(field).all()):
         raise InputError(f"model '{name}' produced non-finite values: its weights are damaged")
     return f"{name}: ok ({published_summary(published_card(name))})"

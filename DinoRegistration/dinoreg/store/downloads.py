@@ -8,6 +8,12 @@
 - :func:`verify_hub_snapshot`: a Hugging Face hub snapshot's large files are stored as blobs named
   by their SHA-256 (the hub's content hash); each is hashed again and compared with its name.
 
+- :func:`download_resumable` also follows Google Drive's confirmation page: for files too large to
+  be virus-scanned, Drive answers the download link with an HTML page holding a form
+  (``id="download-form"``, hidden ``id``/``export``/``confirm``/``uuid`` fields) or, in its older
+  form, a link carrying ``confirm=TOKEN`` (with a ``download_warning`` cookie); the confirmed URL
+  serves the file, with HTTP ranges. Any other HTML answer (quota exceeded, no access) is refused.
+
 Nothing downloaded is ever unpickled: weights are read with safetensors or
 ``torch.load(weights_only=True)``.
 """
@@ -15,10 +21,14 @@ Nothing downloaded is ever unpickled: weights are read with safetensors or
 from __future__ import annotations
 
 import hashlib
+import html
+import http.cookiejar
 import os
 import re
 import tempfile
+import urllib.parse
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 from dinoreg.errors import InputError
@@ -102,9 +112,9 @@ def download_resumable(url: str, target: str | os.PathLike, sha256: str | None =
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{target}.part")
     done = partial.stat().st_size if partial.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    headers = {"Range": f"bytes={done}-"} if done else {}
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+        with open_confirmed(url, headers) as response:
             if done and response.status != 206:  # the server ignored the range: start again
                 done = 0
             length = response.headers.get("Content-Length")
@@ -132,3 +142,73 @@ def download_resumable(url: str, target: str | os.PathLike, sha256: str | None =
     os.replace(partial, target)
     Path(f"{target}.sha256").write_text(f"{actual}  {target.name}\n")
     return target
+
+
+PAGE_LIMIT = 1 << 20  # bytes of an HTML answer read to look for a confirmation
+
+
+class _ConfirmationParser(HTMLParser):
+    """Collects Google Drive's ``download-form`` (action and hidden fields) and ``confirm=`` links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self.links: list[str] = []
+        self._in_form = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {key: value or "" for key, value in attrs}
+        if tag == "form" and values.get("id") == "download-form":
+            self.action, self._in_form = values.get("action", ""), True
+        elif tag == "input" and self._in_form and values.get("type") == "hidden" and values.get("name"):
+            self.fields[values["name"]] = values.get("value", "")
+        elif tag == "a" and "confirm=" in values.get("href", ""):
+            self.links.append(values["href"])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._in_form = False
+
+
+def confirmation_url(page: str, page_url: str, cookies: http.cookiejar.CookieJar) -> str | None:
+    """The confirmed download URL of a Google Drive confirmation ``page`` (absolute), or None."""
+    parser = _ConfirmationParser()
+    parser.feed(page)
+    if parser.action is not None:
+        action = urllib.parse.urljoin(page_url, html.unescape(parser.action))
+        return f"{action}?{urllib.parse.urlencode(parser.fields)}"
+    if parser.links:
+        return urllib.parse.urljoin(page_url, html.unescape(parser.links[0]))
+    token = next((cookie.value for cookie in cookies if cookie.name.startswith("download_warning")), None)
+    if token:  # the oldest form: only a cookie; the same link with confirm=TOKEN
+        separator = "&" if "?" in page_url else "?"
+        return f"{page_url}{separator}confirm={urllib.parse.quote(token)}"
+    return None
+
+
+def _is_html(response) -> bool:
+    return (response.headers.get("Content-Type") or "").split(";")[0].strip().lower() == "text/html"
+
+
+def open_confirmed(url: str, headers: dict[str, str], timeout: float = 60):
+    """An open response for ``url`` serving the file itself: a Google Drive confirmation page is answered
+    (at most twice); any other HTML page raises ``InputError`` (its title in the message)."""
+    cookies = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(cookies))
+    current = url
+    for _ in range(3):
+        response = opener.open(urllib.request.Request(current, headers=headers), timeout=timeout)
+        if not _is_html(response):
+            return response
+        with response:
+            final_url = response.geturl()
+            page = response.read(PAGE_LIMIT).decode("utf-8", "replace")
+        confirmed = confirmation_url(page, final_url, cookies)
+        if confirmed is None or confirmed == current:
+            title = re.search(r"<title>(.*?)</title>", page, re.IGNORECASE | re.DOTALL)
+            what = " ".join(html.unescape(title.group(1)).split()) if title else "no title"
+            raise InputError(f"{url} answered with a web page ('{what}') instead of the file: open the URL in a "
+                             "browser to see why (Google Drive: daily quota or access), then retry later")
+        current = confirmed
+    raise InputError(f"{url} kept answering with confirmation pages: download it in a browser and retry later")

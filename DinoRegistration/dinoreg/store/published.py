@@ -1,4 +1,4 @@
-"""Published networks of other authors (uniGradICON, multiGradICON), run with their own weight files.
+"""Published networks of other authors (uniGradICON, multiGradICON, TransMorph, ViT-V-Net), run with their own weight files.
 
 Each has a card in ``models/published/<name>.json`` (shipped with dinoreg: authors, paper, licences,
 the weights' official URL, published accuracy). The weights are NOT redistributed: they are fetched
@@ -21,6 +21,8 @@ from dinoreg.store.downloads import check_recorded_hash, download_resumable, sha
 from dinoreg.store.locations import models_dir
 
 CARDS_DIR = Path(__file__).with_name("published")
+#: architectures ``dinoreg.networks.loading.load_published`` builds (``networks/gradicon.py``, ``networks/transmorph.py``)
+ARCHITECTURES = ("gradicon", "transmorph", "vitvnet-original")
 
 
 def published_cards() -> dict[str, dict[str, Any]]:
@@ -75,7 +77,7 @@ def published_weights(name: str, path: str | Path | None = None) -> Path:
         raise InputError(f"'{path}' does not match the SHA-256 of {name}: delete it ('dinoreg models clear') and "
                          "download it again")
     check_recorded_hash(path)
-    if card["architecture"] != "gradicon":
+    if card["architecture"] not in ARCHITECTURES:
         raise InputError(f"published model '{name}' has architecture '{card['architecture']}', which this dinoreg "
                          "cannot run: update dinoreg")
     return path
