@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import DinoRegistration  # noqa: E402
 from DinoRegistrationLib import parameters  # noqa: E402
+from test_slicer_install import fake_pip  # noqa: E402,F401 (fixture)
 from test_slicer_logic import add_pair, new_scene, private_temp_folder  # noqa: E402,F401 (autouse)
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "DinoRegistration.ui"
@@ -327,7 +328,8 @@ def test_register_installs_only_the_chosen_methods_package_family(panel, monkeyp
     asks once and installs the 'dino' family (transformers) through the installer, then re-checks."""
     widget, ui, scene, _ = panel
     installed = []
-    monkeypatch.setattr(DinoRegistration, "installEnginePackages", lambda info, families=(): installed.append(families))
+    monkeypatch.setattr(DinoRegistration, "installEnginePackages",
+                        lambda info, families=(), python=None: installed.append(families))  # nothing left for pip
     monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: None)
     monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: types.SimpleNamespace(close=lambda: None))
     no_dino = {"missing": [], "outdated": [], "install": [],
@@ -340,3 +342,59 @@ def test_register_installs_only_the_chosen_methods_package_family(panel, monkeyp
     p.method = "dino-zeroshot"
     widget.environment = no_dino
     assert not widget.packagesReady() and installed == [("dino",)] and widget.registerWhenReady
+
+
+class StandInProgressDialog:
+    """What slicer.util.createProgressDialog returns, as far as the panel uses it (a QProgressDialog)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.labelText, self.closed, self.slots = kwargs.get("labelText", ""), False, {}
+
+    def connect(self, signal: str, slot) -> None:
+        self.slots[signal] = slot
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def install_panel(panel, fake_pip, monkeypatch):
+    """The panel with a fake pip (test_slicer_install.FAKE_PIP) and a recorded re-check."""
+    widget, ui, scene, _ = panel
+    dialogs, checks = [], []
+    monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: dialogs.append(StandInProgressDialog(**kwargs)) or dialogs[-1])
+    monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: checks.append(True))
+    widget.logic.pythonExecutable = sys.executable
+    widget.environment = {"missing": ["tinypkg"], "outdated": [], "install": ["tinypkg"]}
+    return widget, ui, dialogs, checks, fake_pip[0]
+
+
+def test_install_runs_pip_in_the_background_and_its_cancel_stops_it(install_panel, monkeypatch):
+    """Issue 15: the install dialog's Cancel did nothing and the panel froze between pip's lines (pip ran in
+    Slicer's main thread). Now pip runs in the background: the panel returns at once, the dialog shows pip's
+    latest line, and Cancel (while pip downloads) stops it with nothing installed."""
+    widget, ui, dialogs, checks, site = install_panel
+    monkeypatch.setenv("DOWNLOAD_SECONDS", "120")
+    monkeypatch.setenv("INSTALL_SECONDS", "0")
+    widget.registerWhenReady = True
+    assert widget.installPackages(()) is True
+    assert widget.pipInstall is not None and widget.pipInstall.running  # returned while pip runs
+    dialog = dialogs[-1]
+    assert "canceled()" in dialog.slots
+    run_timer(widget, lambda: "Collecting tinypkg" in dialog.labelText, 60)
+    dialog.slots["canceled()"]()  # the dialog's Cancel button
+    assert ui.statusLabel.text.startswith("Stopping the installation") and not widget.registerWhenReady
+    run_timer(widget, lambda: widget.pipInstall is None, 30)
+    assert dialog.closed and ui.statusLabel.text == "Installation cancelled: nothing was installed."
+    assert list(site.iterdir()) == [] and checks == []
+
+
+def test_install_finishes_in_the_background_then_rechecks(install_panel, monkeypatch):
+    widget, ui, dialogs, checks, site = install_panel
+    monkeypatch.setenv("DOWNLOAD_SECONDS", "0")
+    monkeypatch.setenv("INSTALL_SECONDS", "0")
+    assert widget.installPackages(()) is True
+    assert widget.installPackages(()) is False and "being installed" in ui.statusLabel.text  # one pip at a time
+    run_timer(widget, lambda: widget.pipInstall is None, 60)
+    assert dialogs[-1].closed and (site / "tinypkg.installed").exists()
+    assert checks == [True] and ui.statusLabel.text == "Packages installed; checking them..."
