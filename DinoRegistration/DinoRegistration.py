@@ -704,6 +704,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p.resultFixed, p.resultMoving = result.fixedVolume, result.movingVolume
             p.resultWarped, p.resultTransform = result.warpedVolume, result.transform
+            p.resultInverseTransform = result.inverseTransform
             p.resultHeatmap, p.resultHeatmapBefore = result.heatmap, result.heatmapBefore
             p.resultJacobian = result.jacobian
             p.resultReport, p.resultFolder = result.reportNode, result.outputDirectory or ""
@@ -742,7 +743,8 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCheckLandmarks(self) -> None:
         p = self._parameterNode
         try:
-            summary = self.logic.landmarkCheck(p.fixedLandmarks, p.movingLandmarks, p.resultTransform)
+            summary = self.logic.landmarkCheck(p.fixedLandmarks, p.movingLandmarks, p.resultTransform,
+                                               p.resultInverseTransform)
         except RegistrationError as error:
             self.ui.landmarkSummaryLabel.text = str(error)
             self.landmarkSummary = None

@@ -284,6 +284,7 @@ def test_a_whole_session_in_the_panel(panel):
         setattr(p, attribute, node)
     widget.onCheckLandmarks()
     summary = widget.landmarkSummary
+    assert "engine's inverse field" in summary["direction"]  # the field the CLI's check uses (issue 15)
     assert ui.landmarkSummaryLabel.text.startswith("Landmarks (3, by order)") and ui.landmarkTable.rows == 3
     assert summary["mean_before_mm"] == pytest.approx(np.linalg.norm(shift)) and summary["mean_after_mm"] < 1.0
     assert json.loads(p.resultReport.GetText())["landmarks"]["count"] == 3  # the check reaches the report
@@ -398,3 +399,53 @@ def test_install_finishes_in_the_background_then_rechecks(install_panel, monkeyp
     run_timer(widget, lambda: widget.pipInstall is None, 60)
     assert dialogs[-1].closed and (site / "tinypkg.installed").exists()
     assert checks == [True] and ui.statusLabel.text == "Packages installed; checking them..."
+
+
+def test_module_cleanup_mid_run_stops_the_engine_and_removes_the_exported_images(panel):
+    """Slicer unloads the modules when it quits (qSlicerCoreApplication::onAboutToQuit, v5.6.0-v5.10.0), which
+    calls the panel's cleanup(): the running registration's work folder (exported patient images) goes at once."""
+    widget, ui, scene, _ = panel
+    p = widget._parameterNode
+    p.fixedVolume, p.movingVolume = add_pair(scene)
+    widget.environment = {"missing": [], "outdated": [], "install": []}
+    widget.onRegisterButton()
+    job = widget.job
+    assert job is not None and Path(job.workDir).is_dir()
+    widget.cleanup()
+    assert not Path(job.workDir).exists() and job.process.process.poll() is not None
+
+
+def test_the_module_connects_the_exit_cleanup_to_the_application(monkeypatch):
+    from DinoRegistrationLib.logic import removeWorkDirectoriesNow
+
+    slots = {}
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda signal, slot: slots.update({signal: slot})),
+                        raising=False)
+    DinoRegistration.DinoRegistration(types.SimpleNamespace())
+    assert slots == {"aboutToQuit()": removeWorkDirectoriesNow}
+
+
+def ctk_set_directory(button: StandInWidget, folder: str) -> None:
+    """ctkDirectoryButton::setDirectory as CTK implements it at the commits Slicer 5.6.0, 5.8.1 and 5.10.0 build
+    (f53820a4, 82cae578, dd4caeae; Libs/Widgets/ctkDirectoryButton.cpp): directorySelected(QString) every time a
+    folder is chosen, directoryChanged(QString) only when it differs from the current one."""
+    same = button.directory == folder
+    button.directory = folder
+    for signal in ("directorySelected(QString)",) + (() if same else ("directoryChanged(QString)",)):
+        if signal in button.slots:
+            button.slots[signal](folder)
+
+
+def test_choosing_the_same_output_folder_after_close_scene_counts(panel, tmp_path):
+    """Close Scene resets the parameter node while the button still shows the old folder; choosing that folder
+    again emits only directorySelected, which must set the parameter (issue 15)."""
+    widget, ui, scene, _ = panel
+    button, folder = ui.outputDirectoryButton, str(tmp_path / "kept")
+    assert {"directorySelected(QString)", "directoryChanged(QString)"} <= set(button.slots)
+    ctk_set_directory(button, folder)
+    assert widget._parameterNode.outputDirectory == folder
+    widget.onSceneStartClose(None, None)  # Close Scene: a new parameter node with the defaults
+    widget.setParameterNode(StandInParameterNode())
+    assert widget._parameterNode.outputDirectory == "" and button.directory == folder
+    ctk_set_directory(button, folder)  # the user picks the same folder again
+    assert widget._parameterNode.outputDirectory == folder

@@ -370,12 +370,13 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ landmark check
 
     @staticmethod
-    def landmarkCheck(fixedPoints: Any, movingPoints: Any, transform: Any) -> Dict[str, Any]:
-        """Distances (mm) between corresponding points before and after registration; see
+    def landmarkCheck(fixedPoints: Any, movingPoints: Any, transform: Any, inverseTransform: Any = None) -> Dict[str, Any]:
+        """Distances (mm) between corresponding points before and after registration; ``inverseTransform``: the
+        result's inverse transform node (the engine's field, as the CLI uses), if any. See
         ``DinoRegistrationLib.landmarks.checkLandmarks``."""
         from DinoRegistrationLib.landmarks import checkLandmarks
 
-        return checkLandmarks(fixedPoints, movingPoints, transform)
+        return checkLandmarks(fixedPoints, movingPoints, transform, inverseTransform)
 
     @staticmethod
     def recordLandmarkCheck(summary: Dict[str, Any], reportNode: Any = None, keptFolder: str = "") -> None:
