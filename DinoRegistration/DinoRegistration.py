@@ -143,7 +143,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.featureModelComboBox.connect("currentTextChanged(QString)", self.onFeatureModelChanged)
         self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
         # ctkDirectoryButton emits directoryChanged only for a different folder: after Close Scene the parameter is
-        # reset while the button still shows the old folder, so choosing it again must count too
+        # reset while the button still shows the old folder, so choosing it again must count too. directorySelected
+        # (const QString&) is declared and emitted by setDirectory even for the same folder in the CTK that Slicer
+        # 5.6.0, 5.8.1 and 5.10.0 build (commits f53820a4, 82cae578, dd4caeae: Libs/Widgets/ctkDirectoryButton.h)
         self.ui.outputDirectoryButton.connect("directorySelected(QString)", self.onOutputDirectoryChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
@@ -475,6 +477,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         families = methodFamilies(self._parameterNode.method if self._parameterNode else "auto")
         if self.environment is not None and not missingSummary(self.environment, families):
             return True
+        if self.pipInstall is not None:
+            self.setStatus("Python packages are being installed: Register starts when they are ready.")
+            self.registerWhenReady = True
+            return False
         if self.environment is None:
             self.setStatus("Still checking the Python environment: Register starts when it is done.")
             self.registerWhenReady = True

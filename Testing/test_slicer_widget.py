@@ -396,6 +396,7 @@ def test_install_finishes_in_the_background_then_rechecks(install_panel, monkeyp
     monkeypatch.setenv("INSTALL_SECONDS", "0")
     assert widget.installPackages(()) is True
     assert widget.installPackages(()) is False and "being installed" in ui.statusLabel.text  # one pip at a time
+    assert not widget.packagesReady() and widget.registerWhenReady  # Register meanwhile: it runs when pip is done
     run_timer(widget, lambda: widget.pipInstall is None, 60)
     assert dialogs[-1].closed and (site / "tinypkg.installed").exists()
     assert checks == [True] and ui.statusLabel.text == "Packages installed; checking them..."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -448,7 +449,7 @@ def removeWorkDirectoriesNow() -> List[str]:
         if process.process is not None:
             try:
                 process.process.wait(EXIT_WAIT_SECONDS)
-            except Exception:  # subprocess.TimeoutExpired: remove what can be removed now
+            except subprocess.TimeoutExpired:  # remove what can be removed now
                 pass
         shutil.rmtree(workDir, ignore_errors=True)
         RUNNING.pop(workDir, None)
