@@ -18,10 +18,10 @@ import vtk
 import slicer
 from DinoRegistrationLib import methods as methodList
 from DinoRegistrationLib.install import installPackages as installEnginePackages
-from DinoRegistrationLib.install import methodFamilies, missingSummary
+from DinoRegistrationLib.install import PipInstall, methodFamilies, missingSummary
 from DinoRegistrationLib.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
 from DinoRegistrationLib.landmarks import formatLandmarkSummary
-from DinoRegistrationLib.logic import DinoRegistrationLogic, demoFiles
+from DinoRegistrationLib.logic import DinoRegistrationLogic, connectApplicationExit, demoFiles, removeWorkDirectoriesNow
 from DinoRegistrationLib.process import EngineProcess, formatSeconds
 
 try:  # inside 3D Slicer
@@ -84,6 +84,10 @@ See <a href="https://github.com/DinoRegistration/DinoRegistration">the documenta
         self.parent.acknowledgementText = """
 Built on DINOv2 (Meta AI), the DINO-Reg and ConvexAdam papers, MIND-SSC features, SimpleITK and PyTorch.
 """
+        # exported patient images must not outlive Slicer: engines still running at exit are stopped and their
+        # work folders removed (the panel's cleanup() does it too; this covers runs started from the console)
+        if getattr(slicer, "app", None) is not None:
+            connectApplicationExit(slicer.app)
 
 
 #
@@ -107,6 +111,8 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.methodsQuery: Optional[EngineProcess] = None
         self.weightsProcess: Optional[EngineProcess] = None
         self.clearProcess: Optional[EngineProcess] = None
+        self.pipInstall: Optional[PipInstall] = None  # pip running in the background (Install packages)
+        self.installDialog = None  # its progress dialog
         self.environment: Optional[Dict[str, Any]] = None
         self.methods: List[Dict[str, Any]] = []
         self.askedToInstall: set = set()  # package families ('' = core) already offered this session
@@ -137,7 +143,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.featureModelComboBox.connect("currentTextChanged(QString)", self.onFeatureModelChanged)
         self.ui.outputDirectoryButton.connect("directoryChanged(QString)", self.onOutputDirectoryChanged)
         # ctkDirectoryButton emits directoryChanged only for a different folder: after Close Scene the parameter is
-        # reset while the button still shows the old folder, so choosing it again must count too
+        # reset while the button still shows the old folder, so choosing it again must count too. directorySelected
+        # (const QString&) is declared and emitted by setDirectory even for the same folder in the CTK that Slicer
+        # 5.6.0, 5.8.1 and 5.10.0 build (commits f53820a4, 82cae578, dd4caeae: Libs/Widgets/ctkDirectoryButton.h)
         self.ui.outputDirectoryButton.connect("directorySelected(QString)", self.onOutputDirectoryChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
@@ -162,14 +170,18 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startEnvironmentChecks()
 
     def cleanup(self) -> None:
-        """Called when the application closes: stop background work at once (nothing waits)."""
+        """Called when the module is unloaded (Slicer unloads the modules when it quits): stop background work and
+        delete the work folders of running registrations (exported patient images) now; waits at most a few
+        seconds for killed engines to end (``logic.EXIT_WAIT_SECONDS``)."""
         for process in (self.probe, self.methodsQuery, self.weightsProcess, self.clearProcess):
             if process is not None:
                 process.cancel(graceSeconds=0)
+        if self.pipInstall is not None:
+            self.pipInstall.cancel()  # stops it while downloading; a started install step finishes on its own
         for job in [self.job] + self.stoppingJobs:
             if job is not None:
                 job.cancel()
-                job.process.cancel(graceSeconds=0)
+        removeWorkDirectoriesNow()  # nothing polls after this: stop the engines and delete the exported images now
         if self.timer is not None:
             self.timer.stop()
         self.removeObservers()
@@ -465,6 +477,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         families = methodFamilies(self._parameterNode.method if self._parameterNode else "auto")
         if self.environment is not None and not missingSummary(self.environment, families):
             return True
+        if self.pipInstall is not None:
+            self.setStatus("Python packages are being installed: Register starts when they are ready.")
+            self.registerWhenReady = True
+            return False
         if self.environment is None:
             self.setStatus("Still checking the Python environment: Register starts when it is done.")
             self.registerWhenReady = True
@@ -489,22 +505,70 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.installPackages(methodFamilies(self._parameterNode.method if self._parameterNode else "auto"))
 
     def installPackages(self, families: tuple = ()) -> bool:
-        """Install PyTorch through PyTorch Utils when present, the rest with pip (Slicer's installers show their
-        own progress), then re-check in the background: nothing here waits for the check."""
-        dialog = slicer.util.createProgressDialog(labelText="Installing Python packages...", maximum=0)
+        """Install PyTorch through PyTorch Utils when present (its own progress window, blocking as that module is),
+        then start pip for the rest in the background: a progress dialog shows pip's latest line and its Cancel
+        stops pip while it downloads (see ``DinoRegistrationLib.install.PipInstall`` for what cannot be undone).
+        The timer reaps pip and re-checks the environment; False if the install could not start."""
+        if self.pipInstall is not None:
+            self.setStatus("Python packages are being installed: wait for it, or press Cancel in its window.")
+            return False
         try:
-            slicer.app.processEvents()
-            installEnginePackages(self.environment or {}, families)
+            self.pipInstall = installEnginePackages(self.environment or {}, families, self.logic.pythonExecutable)
         except Exception as error:
             logging.exception("DinoRegistration: installing packages failed")
             self.setStatus(f"Installing Python packages failed: {error}", error=True)
             return False
-        finally:
-            dialog.close()
+        if self.pipInstall is None:  # only torch (PyTorch Utils, done) was missing
+            self.onPackagesInstalled()
+            return True
+        self.installDialog = slicer.util.createProgressDialog(
+            labelText="Installing Python packages...", maximum=0, windowTitle="DINO Registration")
+        self.installDialog.connect("canceled()", self.onCancelInstall)
+        self.setStatus(f"Installing Python packages: {' '.join(self.pipInstall.requirements)}")
+        self.timer.start()
+        return True
+
+    def onCancelInstall(self) -> None:
+        """The install dialog's Cancel: stops pip while it downloads (the environment is unchanged); once pip
+        writes packages it is left to finish (stopping it there could leave a half-installed package)."""
+        if self.pipInstall is None or self.pipInstall.finished:
+            return
+        self.registerWhenReady = False
+        if self.pipInstall.cancel():
+            self.setStatus("Stopping the installation (nothing was installed yet)...")
+        else:
+            self.setStatus("pip is already writing the packages: it finishes this step (stopping it now could leave "
+                           "a broken package).")
+
+    def pollPipInstall(self) -> None:
+        """From the timer: show pip's latest line; when it ended, say what happened and re-check."""
+        process = self.pipInstall
+        process.poll()
+        if self.installDialog is not None and process.lastLine:
+            self.installDialog.labelText = f"Installing Python packages...\n{process.lastLine[:120]}"
+        if not process.finished:
+            return
+        self.pipInstall = None
+        if self.installDialog is not None:
+            self.installDialog.close()
+            self.installDialog = None
+        logging.info("DinoRegistration: pip output:\n%s", "\n".join(process.stdoutLines[-200:] + list(process.stderrTail)))
+        if process.cancelled:
+            self.registerWhenReady = False
+            self.setStatus("Installation cancelled: nothing was installed.")
+        elif process.returncode != 0:
+            self.registerWhenReady = False
+            self.setStatus(f"Installing Python packages failed: {process.lastErrorLine() or 'see the Python console'}",
+                           error=True)
+        else:
+            if process.cancelRequested:
+                logging.info("DinoRegistration: Cancel came after pip had started writing packages; they are installed")
+            self.onPackagesInstalled()
+
+    def onPackagesInstalled(self) -> None:
         self.environment = None
         self.startEnvironmentChecks()
         self.setStatus("Packages installed; checking them...")
-        return True
 
     def onDownloadWeights(self) -> None:
         method = self.selectedMethod()
@@ -598,7 +662,9 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     onFinished()
         if self.weightsProcess is not None:
             self.pollWeightsDownload()
-        busy = [p for p in (self.probe, self.methodsQuery, self.weightsProcess, self.clearProcess)
+        if self.pipInstall is not None:
+            self.pollPipInstall()
+        busy = [p for p in (self.probe, self.methodsQuery, self.weightsProcess, self.clearProcess, self.pipInstall)
                 if p is not None and not p.finished]
         if self.job is None and not busy and not self.stoppingJobs:
             self.timer.stop()
@@ -644,6 +710,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p.resultFixed, p.resultMoving = result.fixedVolume, result.movingVolume
             p.resultWarped, p.resultTransform = result.warpedVolume, result.transform
+            p.resultInverseTransform = result.inverseTransform
             p.resultHeatmap, p.resultHeatmapBefore = result.heatmap, result.heatmapBefore
             p.resultJacobian = result.jacobian
             p.resultReport, p.resultFolder = result.reportNode, result.outputDirectory or ""
@@ -682,7 +749,8 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCheckLandmarks(self) -> None:
         p = self._parameterNode
         try:
-            summary = self.logic.landmarkCheck(p.fixedLandmarks, p.movingLandmarks, p.resultTransform)
+            summary = self.logic.landmarkCheck(p.fixedLandmarks, p.movingLandmarks, p.resultTransform,
+                                               p.resultInverseTransform)
         except RegistrationError as error:
             self.ui.landmarkSummaryLabel.text = str(error)
             self.landmarkSummary = None

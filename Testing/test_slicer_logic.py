@@ -589,3 +589,31 @@ def test_work_folders_left_by_a_closed_slicer_are_removed_and_nothing_else(tmp_p
     fresh = logic_module.newWorkDirectory()
     assert not stale.exists() and live.exists() and foreign.exists()
     assert Path(fresh).parent == root and Path(fresh).name.startswith(f"run-{os.getpid()}-")
+
+
+def test_application_exit_stops_the_engine_and_removes_the_exported_images(fake_engine):
+    """Issue 15: Slicer closed mid-run left the exported patient images in the temporary folder until the next run.
+    On QCoreApplication::aboutToQuit (connected by the module) the running engines are killed and their work
+    folders deleted at once: nothing polls after that."""
+    from DinoRegistrationLib.logic import RUNNING, connectApplicationExit
+
+    logic, set_mode = fake_engine
+    set_mode("slow")
+    scene = new_scene()
+    fixed, moving = add_pair(scene)
+    job = logic.startRegistration(fixed, moving, RegistrationOptions(method="affine"))
+    assert Path(job.workDir).is_dir() and any(Path(job.workDir).glob("*.nrrd"))  # the exported images
+    assert job.workDir in RUNNING
+
+    class App:  # slicer.app as far as the hook uses it (PythonQt: connect(signal, callable))
+        slots: dict = {}
+
+        def connect(self, signal, slot):
+            self.slots[signal] = slot
+
+    app = App()
+    assert connectApplicationExit(app) and "aboutToQuit()" in app.slots
+    app.slots["aboutToQuit()"]()  # Slicer quits
+    assert not Path(job.workDir).exists() and job.workDir not in RUNNING
+    assert job.process.process.poll() is not None  # the engine is gone, not left running on the deleted folder
+    assert temp_dirs() == set()

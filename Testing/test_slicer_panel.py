@@ -112,6 +112,7 @@ def cmake_set(path: Path, name: str) -> list[str]:
 
 def test_extension_metadata_points_to_files_in_the_repository():
     top = REPO / "CMakeLists.txt"
+    assert " ".join(cmake_set(top, "EXTENSION_SCREENSHOTURLS")).strip('"'), "the Extensions Index asks for a screenshot"
     for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         for url in " ".join(cmake_set(top, name)).strip('"').split():
             relative = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/", "", url)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import DinoRegistration  # noqa: E402
 from DinoRegistrationLib import parameters  # noqa: E402
+from test_slicer_install import fake_pip  # noqa: E402,F401 (fixture)
 from test_slicer_logic import add_pair, new_scene, private_temp_folder  # noqa: E402,F401 (autouse)
 
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "DinoRegistration.ui"
@@ -283,6 +284,7 @@ def test_a_whole_session_in_the_panel(panel):
         setattr(p, attribute, node)
     widget.onCheckLandmarks()
     summary = widget.landmarkSummary
+    assert "engine's inverse field" in summary["direction"]  # the field the CLI's check uses (issue 15)
     assert ui.landmarkSummaryLabel.text.startswith("Landmarks (3, by order)") and ui.landmarkTable.rows == 3
     assert summary["mean_before_mm"] == pytest.approx(np.linalg.norm(shift)) and summary["mean_after_mm"] < 1.0
     assert json.loads(p.resultReport.GetText())["landmarks"]["count"] == 3  # the check reaches the report
@@ -327,7 +329,8 @@ def test_register_installs_only_the_chosen_methods_package_family(panel, monkeyp
     asks once and installs the 'dino' family (transformers) through the installer, then re-checks."""
     widget, ui, scene, _ = panel
     installed = []
-    monkeypatch.setattr(DinoRegistration, "installEnginePackages", lambda info, families=(): installed.append(families))
+    monkeypatch.setattr(DinoRegistration, "installEnginePackages",
+                        lambda info, families=(), python=None: installed.append(families))  # nothing left for pip
     monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: None)
     monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: types.SimpleNamespace(close=lambda: None))
     no_dino = {"missing": [], "outdated": [], "install": [],
@@ -340,3 +343,110 @@ def test_register_installs_only_the_chosen_methods_package_family(panel, monkeyp
     p.method = "dino-zeroshot"
     widget.environment = no_dino
     assert not widget.packagesReady() and installed == [("dino",)] and widget.registerWhenReady
+
+
+class StandInProgressDialog:
+    """What slicer.util.createProgressDialog returns, as far as the panel uses it (a QProgressDialog)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.labelText, self.closed, self.slots = kwargs.get("labelText", ""), False, {}
+
+    def connect(self, signal: str, slot) -> None:
+        self.slots[signal] = slot
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def install_panel(panel, fake_pip, monkeypatch):
+    """The panel with a fake pip (test_slicer_install.FAKE_PIP) and a recorded re-check."""
+    widget, ui, scene, _ = panel
+    dialogs, checks = [], []
+    monkeypatch.setattr(slicer.util, "createProgressDialog", lambda **kwargs: dialogs.append(StandInProgressDialog(**kwargs)) or dialogs[-1])
+    monkeypatch.setattr(widget, "startEnvironmentChecks", lambda: checks.append(True))
+    widget.logic.pythonExecutable = sys.executable
+    widget.environment = {"missing": ["tinypkg"], "outdated": [], "install": ["tinypkg"]}
+    return widget, ui, dialogs, checks, fake_pip[0]
+
+
+def test_install_runs_pip_in_the_background_and_its_cancel_stops_it(install_panel, monkeypatch):
+    """Issue 15: the install dialog's Cancel did nothing and the panel froze between pip's lines (pip ran in
+    Slicer's main thread). Now pip runs in the background: the panel returns at once, the dialog shows pip's
+    latest line, and Cancel (while pip downloads) stops it with nothing installed."""
+    widget, ui, dialogs, checks, site = install_panel
+    monkeypatch.setenv("DOWNLOAD_SECONDS", "120")
+    monkeypatch.setenv("INSTALL_SECONDS", "0")
+    widget.registerWhenReady = True
+    assert widget.installPackages(()) is True
+    assert widget.pipInstall is not None and widget.pipInstall.running  # returned while pip runs
+    dialog = dialogs[-1]
+    assert "canceled()" in dialog.slots
+    run_timer(widget, lambda: "Collecting tinypkg" in dialog.labelText, 60)
+    dialog.slots["canceled()"]()  # the dialog's Cancel button
+    assert ui.statusLabel.text.startswith("Stopping the installation") and not widget.registerWhenReady
+    run_timer(widget, lambda: widget.pipInstall is None, 30)
+    assert dialog.closed and ui.statusLabel.text == "Installation cancelled: nothing was installed."
+    assert list(site.iterdir()) == [] and checks == []
+
+
+def test_install_finishes_in_the_background_then_rechecks(install_panel, monkeypatch):
+    widget, ui, dialogs, checks, site = install_panel
+    monkeypatch.setenv("DOWNLOAD_SECONDS", "0")
+    monkeypatch.setenv("INSTALL_SECONDS", "0")
+    assert widget.installPackages(()) is True
+    assert widget.installPackages(()) is False and "being installed" in ui.statusLabel.text  # one pip at a time
+    assert not widget.packagesReady() and widget.registerWhenReady  # Register meanwhile: it runs when pip is done
+    run_timer(widget, lambda: widget.pipInstall is None, 60)
+    assert dialogs[-1].closed and (site / "tinypkg.installed").exists()
+    assert checks == [True] and ui.statusLabel.text == "Packages installed; checking them..."
+
+
+def test_module_cleanup_mid_run_stops_the_engine_and_removes_the_exported_images(panel):
+    """Slicer unloads the modules when it quits (qSlicerCoreApplication::onAboutToQuit, v5.6.0-v5.10.0), which
+    calls the panel's cleanup(): the running registration's work folder (exported patient images) goes at once."""
+    widget, ui, scene, _ = panel
+    p = widget._parameterNode
+    p.fixedVolume, p.movingVolume = add_pair(scene)
+    widget.environment = {"missing": [], "outdated": [], "install": []}
+    widget.onRegisterButton()
+    job = widget.job
+    assert job is not None and Path(job.workDir).is_dir()
+    widget.cleanup()
+    assert not Path(job.workDir).exists() and job.process.process.poll() is not None
+
+
+def test_the_module_connects_the_exit_cleanup_to_the_application(monkeypatch):
+    from DinoRegistrationLib.logic import removeWorkDirectoriesNow
+
+    slots = {}
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(connect=lambda signal, slot: slots.update({signal: slot})),
+                        raising=False)
+    DinoRegistration.DinoRegistration(types.SimpleNamespace())
+    assert slots == {"aboutToQuit()": removeWorkDirectoriesNow}
+
+
+def ctk_set_directory(button: StandInWidget, folder: str) -> None:
+    """ctkDirectoryButton::setDirectory as CTK implements it at the commits Slicer 5.6.0, 5.8.1 and 5.10.0 build
+    (f53820a4, 82cae578, dd4caeae; Libs/Widgets/ctkDirectoryButton.cpp): directorySelected(QString) every time a
+    folder is chosen, directoryChanged(QString) only when it differs from the current one."""
+    same = button.directory == folder
+    button.directory = folder
+    for signal in ("directorySelected(QString)",) + (() if same else ("directoryChanged(QString)",)):
+        if signal in button.slots:
+            button.slots[signal](folder)
+
+
+def test_choosing_the_same_output_folder_after_close_scene_counts(panel, tmp_path):
+    """Close Scene resets the parameter node while the button still shows the old folder; choosing that folder
+    again emits only directorySelected, which must set the parameter (issue 15)."""
+    widget, ui, scene, _ = panel
+    button, folder = ui.outputDirectoryButton, str(tmp_path / "kept")
+    assert {"directorySelected(QString)", "directoryChanged(QString)"} <= set(button.slots)
+    ctk_set_directory(button, folder)
+    assert widget._parameterNode.outputDirectory == folder
+    widget.onSceneStartClose(None, None)  # Close Scene: a new parameter node with the defaults
+    widget.setParameterNode(StandInParameterNode())
+    assert widget._parameterNode.outputDirectory == "" and button.directory == folder
+    ctk_set_directory(button, folder)  # the user picks the same folder again
+    assert widget._parameterNode.outputDirectory == folder

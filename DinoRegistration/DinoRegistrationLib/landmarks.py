@@ -2,14 +2,15 @@
 after registration, from two markups point lists and the registration's transform node.
 
 Points are read in world RAS mm. The transform node holds FIXED -> MOVING as "FromParent"; moving points
-are mapped onto the fixed image by its "ToParent" transform (moving -> fixed, the inverse, computed by
-Slicer). Pairing and the summary are the engine's (``dinoreg.io.landmarks``), so the panel
+are mapped onto the fixed image by the engine's inverse field (the inverse transform node, MOVING -> FIXED as
+"FromParent") when the run computed it, else by the transform's "ToParent" (Slicer's numerical inverse). Pairing and the summary are the engine's (``dinoreg.io.landmarks``), so the panel
 and ``dinoreg register --fixed-landmarks/--moving-landmarks`` report the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -35,13 +36,18 @@ def markupsPoints(node: Any, local: bool = False) -> Tuple[List[str], np.ndarray
     return labels, np.array(points, dtype=np.float64).reshape(-1, 3)
 
 
-def checkLandmarks(fixedPoints: Any, movingPoints: Any, transform: Any) -> Dict[str, Any]:
+def checkLandmarks(fixedPoints: Any, movingPoints: Any, transform: Any, inverseTransform: Any = None) -> Dict[str, Any]:
     """Distances (mm) per point pair and on average, before and after registration; the worst pairs first
-    in ``worst``. See ``dinoreg.io.landmarks.landmark_summary`` for the keys.
+    in ``worst``. See ``dinoreg.io.landmarks.landmark_summary`` for the keys; ``direction`` says which inverse
+    mapped the moving points.
 
-    ``transform``: the registration's transform node (moving to fixed). Points on the moving image are
-    taken where they were placed: if their list was put under ``transform`` to see them follow the warp,
-    their own (untransformed) coordinates are used.
+    ``transform``: the registration's transform node (FIXED -> MOVING as FromParent). ``inverseTransform``: the
+    node of the engine's inverse_transform.h5 (MOVING -> FIXED as FromParent), when the run computed it: moving
+    points are mapped by it, the same field ``dinoreg register --fixed-landmarks/--moving-landmarks`` uses, so the
+    panel and the CLI agree. Without it, by Slicer's inverse of ``transform`` (VTK inverts the grid numerically
+    per point: it can differ from the engine's field by a fraction of a mm where the field is large).
+    Points on the moving image are taken where they were placed: if their list was put under ``transform`` to
+    see them follow the warp, their own (untransformed) coordinates are used.
     """
     from dinoreg.errors import InputError
     from dinoreg.io.landmarks import landmark_check
@@ -52,15 +58,50 @@ def checkLandmarks(fixedPoints: Any, movingPoints: Any, transform: Any) -> Dict[
         raise RegistrationError("Register first (or select the registration's transform) to check landmarks.")
     fixed = markupsPoints(fixedPoints)
     moving = markupsPoints(movingPoints, local=movingPoints.GetParentTransformNode() is transform)
-    toFixed = transform.GetTransformToParent()  # moving -> fixed
+    if inverseTransform is not None and inverseTransform.GetTransformFromParent() is not None:
+        toFixed = inverseTransform.GetTransformFromParent()  # the engine's moving -> fixed field
+        direction = "moving points mapped to fixed by the engine's inverse field (inverse_transform.h5); RAS mm"
+    else:
+        toFixed = transform.GetTransformToParent()  # VTK's numerical inverse of fixed -> moving
+        direction = "moving points mapped to fixed by Slicer's numerical inverse of the transform; RAS mm"
 
     def movingToFixed(points: np.ndarray) -> np.ndarray:
-        return np.array([toFixed.TransformPoint(*point) for point in points], dtype=np.float64).reshape(-1, 3)
+        with linearInterpolation(toFixed):
+            return np.array([toFixed.TransformPoint(*point) for point in points], dtype=np.float64).reshape(-1, 3)
 
     try:
-        return landmark_check(fixed, moving, movingToFixed, "moving points mapped to fixed by the inverse transform; RAS mm")
+        return landmark_check(fixed, moving, movingToFixed, direction)
     except InputError as error:
         raise RegistrationError(str(error)) from None
+
+
+def gridParts(transform: Any) -> List[Any]:
+    """The grid (displacement field) transforms inside a VTK transform, general transforms walked through."""
+    transform.Update()
+    if transform.IsA("vtkGridTransform"):
+        return [transform]
+    parts = []
+    if transform.IsA("vtkGeneralTransform"):
+        for index in range(transform.GetNumberOfConcatenatedTransforms()):
+            parts += gridParts(transform.GetConcatenatedTransform(index))
+    return parts
+
+
+@contextlib.contextmanager
+def linearInterpolation(transform: Any) -> Iterator[None]:
+    """Inside the block, ``transform``'s displacement fields interpolate linearly, as ITK and the engine do; their
+    mode is restored after. Slicer reads ITK displacement fields with cubic interpolation (v5.6.0 to v5.10.0,
+    Libs/MRML/Core/vtkITKTransformConverter.h: ``SetInterpolationModeToCubic``), which moves points up to a few
+    hundredths of a mm away from the engine's map (measured in BENCHMARKS.md, 'Landmark check')."""
+    parts = gridParts(transform)
+    modes = [part.GetInterpolationMode() for part in parts]
+    try:
+        for part in parts:
+            part.SetInterpolationModeToLinear()
+        yield
+    finally:
+        for part, mode in zip(parts, modes):
+            part.SetInterpolationMode(mode)
 
 
 def formatLandmarkSummary(summary: Dict[str, Any]) -> str:

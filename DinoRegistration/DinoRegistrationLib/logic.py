@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -150,6 +151,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         except BaseException:
             self.removeWorkDirectory(workDir)
             raise
+        RUNNING[workDir] = process
         inputs = {"fixed": fixedVolume, "moving": movingVolume, "movingSegmentation": movingSegmentation,
                   "segmentInfo": paths.get("segmentInfo")}
         return RegistrationJob(self, process, workDir, outputDir, inputs, options, onProgress, onFinished)
@@ -171,6 +173,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def removeWorkDirectory(workDir: str) -> None:
         shutil.rmtree(workDir, ignore_errors=True)
+        RUNNING.pop(workDir, None)
 
     # ------------------------------------------------------------------ inputs
 
@@ -368,12 +371,13 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ landmark check
 
     @staticmethod
-    def landmarkCheck(fixedPoints: Any, movingPoints: Any, transform: Any) -> Dict[str, Any]:
-        """Distances (mm) between corresponding points before and after registration; see
+    def landmarkCheck(fixedPoints: Any, movingPoints: Any, transform: Any, inverseTransform: Any = None) -> Dict[str, Any]:
+        """Distances (mm) between corresponding points before and after registration; ``inverseTransform``: the
+        result's inverse transform node (the engine's field, as the CLI uses), if any. See
         ``DinoRegistrationLib.landmarks.checkLandmarks``."""
         from DinoRegistrationLib.landmarks import checkLandmarks
 
-        return checkLandmarks(fixedPoints, movingPoints, transform)
+        return checkLandmarks(fixedPoints, movingPoints, transform, inverseTransform)
 
     @staticmethod
     def recordLandmarkCheck(summary: Dict[str, Any], reportNode: Any = None, keptFolder: str = "") -> None:
@@ -425,6 +429,45 @@ class temporaryNodes:
         for node in reversed([n for n in added if n.GetID() not in self.before]):
             if self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
+
+
+#: work folder -> its engine process, for every registration started in this Slicer and not yet cleaned up
+RUNNING: Dict[str, EngineProcess] = {}
+
+#: seconds ``removeWorkDirectoriesNow`` waits for killed engines to end (Windows keeps open files undeletable)
+EXIT_WAIT_SECONDS = 2.0
+
+
+def removeWorkDirectoriesNow() -> List[str]:
+    """Stop every running engine at once (SIGKILL, its process group) and delete its work folder (the exported
+    patient images and partial results); returns the folders removed. For application exit and module unload:
+    nothing polls after that, so the usual removal once the engine ended (``RegistrationJob``) would not happen.
+    Waits at most ``EXIT_WAIT_SECONDS`` per engine for it to end, so that its open files can be deleted."""
+    removed = []
+    for workDir, process in list(RUNNING.items()):
+        process.cancel(graceSeconds=0)
+        if process.process is not None:
+            try:
+                process.process.wait(EXIT_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:  # remove what can be removed now
+                pass
+        shutil.rmtree(workDir, ignore_errors=True)
+        RUNNING.pop(workDir, None)
+        if not os.path.exists(workDir):
+            removed.append(workDir)
+    return removed
+
+
+def connectApplicationExit(app: Any) -> bool:
+    """Remove the work folders when Slicer quits (``QCoreApplication::aboutToQuit``), also for registrations
+    started from the Python console without the panel. Slicer (v5.6.0 to v5.10.0,
+    Base/QTCore/qSlicerCoreApplication.cxx ``onAboutToQuit``) unloads the modules on that signal, which calls the
+    panel's ``cleanup()``; this covers the case without a panel. False where ``app`` has no such signal."""
+    try:
+        app.connect("aboutToQuit()", removeWorkDirectoriesNow)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def workRoot() -> str:

@@ -71,6 +71,7 @@ class DinoRegistrationParameterNode:
     resultMoving: vtkMRMLScalarVolumeNode
     resultWarped: vtkMRMLScalarVolumeNode
     resultTransform: vtkMRMLTransformNode
+    resultInverseTransform: Union[vtkMRMLTransformNode, None]  # the engine's inverse field: the landmark check uses it
     resultHeatmap: vtkMRMLScalarVolumeNode
     resultHeatmapBefore: vtkMRMLScalarVolumeNode
     resultJacobian: vtkMRMLScalarVolumeNode

@@ -27,7 +27,12 @@ CANCEL_GRACE_SECONDS = 3.0
 
 class EngineProcess:
     """A background command. stdout lines that are JSON events are returned by ``poll()``; every
-    stdout line is kept in ``stdoutLines``, the last 300 stderr lines in ``stderrTail``."""
+    stdout line is kept in ``stdoutLines``, the last 300 stderr lines in ``stderrTail``.
+
+    ``cancel()`` first sends ``STOP_SIGNAL`` to the process group (POSIX: SIGTERM here; pip gets SIGINT, on which
+    it removes its temporary folders), then SIGKILL after the grace time. On Windows the stop is always forced."""
+
+    STOP_SIGNAL = signal.SIGTERM
 
     def __init__(self, command: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.command = command
@@ -113,7 +118,7 @@ class EngineProcess:
                 subprocess.Popen(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW)
             else:
-                os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                os.killpg(self.process.pid, signal.SIGKILL if kill else self.STOP_SIGNAL)
         except (ProcessLookupError, PermissionError, OSError):
             pass
 
