@@ -19,7 +19,7 @@ import slicer
 from DinoRegistrationLib import methods as methodList
 from DinoRegistrationLib.install import installPackages as installEnginePackages
 from DinoRegistrationLib.install import PipInstall, methodFamilies, missingSummary
-from DinoRegistrationLib.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
+from DinoRegistrationLib.job import RegistrationError, RegistrationJob, JobOptions, JobResult
 from DinoRegistrationLib.landmarks import formatLandmarkSummary
 from DinoRegistrationLib.logic import DinoRegistrationLogic, connectApplicationExit, demoFiles, removeWorkDirectoriesNow
 from DinoRegistrationLib.process import EngineProcess, formatSeconds
@@ -622,7 +622,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             key = methodList.methodParameterKey(method, setting)
             if key and value:
                 params[key] = str(value)
-        options = RegistrationOptions(method=p.method or "auto", preset=p.preset, device=p.device or "auto",
+        options = JobOptions(method=p.method or "auto", preset=p.preset, device=p.device or "auto",
                                       params=params, affineStage=p.affineStage, computeInverse=p.computeInverse,
                                       computeJacobian=p.computeJacobian, keepAffine=p.keepAffine,
                                       outputDirectory=p.outputDirectory if p.keepOutputFiles else "",
@@ -704,7 +704,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.setStatus(job.message)
 
-    def storeResult(self, result: RegistrationResult) -> None:
+    def storeResult(self, result: JobResult) -> None:
         p = self._parameterNode
         wasModified = p.StartModify()
         try:
@@ -718,11 +718,11 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             p.EndModify(wasModified)
 
-    def lastResult(self) -> Optional[RegistrationResult]:
+    def lastResult(self) -> Optional[JobResult]:
         p = self._parameterNode
         if p is None or not p.resultFixed or not p.resultWarped:
             return None
-        return RegistrationResult(fixedVolume=p.resultFixed, movingVolume=p.resultMoving, warpedVolume=p.resultWarped,
+        return JobResult(fixedVolume=p.resultFixed, movingVolume=p.resultMoving, warpedVolume=p.resultWarped,
                                   transform=p.resultTransform, heatmap=p.resultHeatmap,
                                   heatmapBefore=p.resultHeatmapBefore, jacobian=p.resultJacobian)
 
@@ -816,7 +816,7 @@ def selectData(combo: Any, data: str) -> None:
         combo.setCurrentIndex(index)
 
 
-def resultSummary(result: RegistrationResult, seconds: float) -> str:
+def resultSummary(result: JobResult, seconds: float) -> str:
     """'Done in 21 s: similarity (NCC) 0.912 -> 0.981, folding 0.00% of voxels; files in ...'"""
     report = result.report
     summary = f"Done in {seconds:.0f} s"
@@ -874,7 +874,7 @@ class DinoRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering the demo pair (affine method)")
         fixed, moving = self.loadDemoPair()
         logic = DinoRegistrationLogic()
-        result = logic.register(fixed, moving, RegistrationOptions(method="affine", device="cpu"), timeout=600)
+        result = logic.register(fixed, moving, JobOptions(method="affine", device="cpu"), timeout=600)
         self.assertEqual(result.warpedVolume.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
         self.assertIsNotNone(result.transform.GetTransformFromParent())
         self.assertGreater(result.report["similarity_after"]["ncc"], result.report["similarity_before"]["ncc"])
@@ -884,7 +884,7 @@ class DinoRegistrationTest(ScriptedLoadableModuleTest):
     def test_CancelLeavesSceneUnchanged(self) -> None:
         fixed, moving = self.loadDemoPair()
         count = slicer.mrmlScene.GetNumberOfNodes()
-        job = DinoRegistrationLogic().startRegistration(fixed, moving, RegistrationOptions(method="affine"))
+        job = DinoRegistrationLogic().startRegistration(fixed, moving, JobOptions(method="affine"))
         time.sleep(0.5)
         job.cancel()
         self.assertEqual(job.state, "cancelled")
@@ -896,7 +896,7 @@ class DinoRegistrationTest(ScriptedLoadableModuleTest):
         fixed, moving = self.loadDemoPair()
         count = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(RegistrationError) as context:
-            DinoRegistrationLogic().register(fixed, moving, RegistrationOptions(method="no-such-method"), timeout=120)
+            DinoRegistrationLogic().register(fixed, moving, JobOptions(method="no-such-method"), timeout=120)
         self.assertIn("no-such-method", str(context.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Error reporting passed")

@@ -148,7 +148,7 @@ def test_ct_and_mri_preprocessing_match_the_reference():
 
 def test_io_preset_gives_the_reference_instance_optimisation(tmp_path):
     """Two steps of the reference's fine-tuning (its loss, Adam 2e-5, same random points) and ours."""
-    from dinoreg.methods.published import instance_optimisation
+    from dinoreg.methods.published import finetune_network_io
     from dinoreg.progress import Progress
 
     side = SIDE
@@ -164,6 +164,6 @@ def test_io_preset_gives_the_reference_instance_optimisation(tmp_path):
         expected = (reference.phi_AB(reference.identity_map) - reference.identity_map) * (side - 1)
         before = ours(moving, fixed)
     params = {"io_iterations": 2, "io_learning_rate": 2e-5, "io_lambda": 1.5, "io_lncc_sigma": 5.0, "io_seed": 0}
-    field = instance_optimisation(ours, moving, fixed, params, Progress())
+    field = finetune_network_io(ours, moving, fixed, params, Progress())
     assert float((expected - before).abs().max()) > 1e-3  # the fine-tuning changed the field
     assert float((field - expected).abs().max()) < 1e-4

@@ -21,7 +21,7 @@ import slicer.util  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "DinoRegistration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from DinoRegistrationLib.job import RegistrationError, RegistrationOptions  # noqa: E402
+from DinoRegistrationLib.job import RegistrationError, JobOptions  # noqa: E402
 from DinoRegistrationLib.logic import DinoRegistrationLogic, runFolder  # noqa: E402
 from test_slicer_logic import (FIXED_MATRIX, MODULE_DIR, add_pair, add_volume, assert_unchanged, ijk_to_ras,  # noqa: E402
                                new_scene, node_ids, private_temp_folder, snapshot, temp_dirs)  # noqa: F401 (autouse)
@@ -122,7 +122,7 @@ def test_bad_volumes_are_refused_in_one_line_before_anything_runs(logic):
     fixed, moving = add_pair(scene)
     ids, dirs = node_ids(scene), temp_dirs()
     for args, expected in (((None, moving), "fixed volume"), ((fixed, None), "moving volume"),
-                           ((fixed, moving, RegistrationOptions(outputVolume=moving)), "output volume is an input")):
+                           ((fixed, moving, JobOptions(outputVolume=moving)), "output volume is an input")):
         with pytest.raises(RegistrationError, match=expected) as error:
             logic.startRegistration(*args)
         assert "\n" not in str(error.value)
@@ -139,7 +139,7 @@ def test_non_finite_voxels_never_give_a_non_finite_result(logic):
     slicer.util.arrayFromVolumeModified(moving)
     ids, before = node_ids(scene), snapshot(moving)
     try:
-        result = logic.register(fixed, moving, RegistrationOptions(method="affine", **FAST), timeout=300)
+        result = logic.register(fixed, moving, JobOptions(method="affine", **FAST), timeout=300)
     except RegistrationError as error:
         assert "\n" not in str(error) and node_ids(scene) == ids
     else:
@@ -155,7 +155,7 @@ def test_results_fill_the_chosen_output_nodes_and_files_go_to_a_new_folder_per_r
     fixed, moving = add_pair(scene)
     output_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my warped")
     output_transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "my transform")
-    options = RegistrationOptions(method="affine", outputVolume=output_volume, outputTransform=output_transform,
+    options = JobOptions(method="affine", outputVolume=output_volume, outputTransform=output_transform,
                                   outputDirectory=str(tmp_path / "kept"), **FAST)
     (tmp_path / "kept").mkdir()
     first = logic.register(fixed, moving, options, timeout=300)
@@ -189,7 +189,7 @@ def test_an_engine_refusal_is_one_line_and_leaves_the_scene_and_files_unchanged(
     slicer.util.arrayFromVolumeModified(moving)
     ids, dirs, before = node_ids(scene), temp_dirs(), snapshot(moving)
     with pytest.raises(RegistrationError) as error:
-        logic.register(fixed, moving, RegistrationOptions(method="affine", **FAST), timeout=300)
+        logic.register(fixed, moving, JobOptions(method="affine", **FAST), timeout=300)
     assert str(error.value) and "\n" not in str(error.value) and error.value.details
     assert node_ids(scene) == ids and temp_dirs() == dirs
     assert_unchanged(moving, before)

@@ -32,7 +32,7 @@ MODULE_DIR = REPO / "DinoRegistration"
 sys.path.insert(0, str(MODULE_DIR))
 
 from DinoRegistrationLib import methods as method_list  # noqa: E402
-from DinoRegistrationLib.job import RegistrationError, RegistrationOptions  # noqa: E402
+from DinoRegistrationLib.job import RegistrationError, JobOptions  # noqa: E402
 from DinoRegistrationLib.logic import DinoRegistrationLogic  # noqa: E402
 from DinoRegistrationLib.process import formatSeconds, unexpectedExitMessage  # noqa: E402
 
@@ -201,7 +201,7 @@ def affine_run():
     before_ids, before_moving = node_ids(scene), snapshot(moving)
     before_fixed = snapshot(fixed)
     logic = DinoRegistrationLogic(pythonExecutable=sys.executable, engineDirectory=str(MODULE_DIR))
-    result = logic.register(fixed, moving, RegistrationOptions(method="mind-zeroshot", preset="fast", device="cpu",
+    result = logic.register(fixed, moving, JobOptions(method="mind-zeroshot", preset="fast", device="cpu",
                                                              keepAffine=True), timeout=300)
     return dict(scene=scene, fixed=fixed, moving=moving, result=result, before_ids=before_ids,
                 before_fixed=before_fixed, before_moving=before_moving, logic=logic)
@@ -341,7 +341,7 @@ def test_engine_error_is_one_message_and_scene_is_unchanged(logic):
     fixed, moving = add_pair(scene)
     ids, dirs = node_ids(scene), temp_dirs()
     with pytest.raises(RegistrationError) as error:
-        logic.register(fixed, moving, RegistrationOptions(method="no-such-method", **FAST), timeout=120)
+        logic.register(fixed, moving, JobOptions(method="no-such-method", **FAST), timeout=120)
     assert "no-such-method" in str(error.value) and "\n" not in str(error.value)
     assert node_ids(scene) == ids
     assert temp_dirs() == dirs
@@ -404,7 +404,7 @@ def test_masks_and_segmentation_are_exported_on_their_image_grid_and_labels_come
     assert [name for _, name, _ in paths["segmentInfo"]] == ["ventricle", "tumour"]
 
     kept = tmp_path / "kept"
-    result = logic.register(fixed, moving, RegistrationOptions(method="affine", outputDirectory=str(kept), **FAST),
+    result = logic.register(fixed, moving, JobOptions(method="affine", outputDirectory=str(kept), **FAST),
                             fixedMask=fixed_mask, movingSegmentation=segmentation, timeout=300)
     run = Path(result.outputDirectory)  # one new subfolder per run, named after the moving volume
     assert run.parent == kept and run.name.startswith("moving ")
@@ -442,7 +442,7 @@ def test_cancel_stops_the_engine_promptly_and_leaves_nothing(fake_engine):
     fixed, moving = add_pair(scene)
     ids, dirs, before = node_ids(scene), temp_dirs(), snapshot(moving)
     progress, finished = [], []
-    job = logic.startRegistration(fixed, moving, RegistrationOptions(method="dino-zeroshot"),
+    job = logic.startRegistration(fixed, moving, JobOptions(method="dino-zeroshot"),
                                   onProgress=lambda j: progress.append((j.stage, j.fraction, j.secondsLeft)),
                                   onFinished=finished.append)
     assert temp_dirs() - dirs  # the exported inputs exist while it runs
@@ -466,7 +466,7 @@ def test_cancel_stops_the_real_engine_mid_run(logic):
     scene = new_scene()
     fixed, moving = add_pair(scene)
     ids, dirs = node_ids(scene), temp_dirs()
-    job = logic.startRegistration(fixed, moving, RegistrationOptions(method="mind-zeroshot", device="cpu"))
+    job = logic.startRegistration(fixed, moving, JobOptions(method="mind-zeroshot", device="cpu"))
     deadline = time.monotonic() + 60
     while job.stage == "starting" and not job.poll() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -505,12 +505,12 @@ def test_incomplete_result_adds_nothing(logic, tmp_path):
     (outdir / "transform.h5").write_bytes(b"not a transform")
     ids = node_ids(scene)
     with pytest.raises(Exception, match="transform"):
-        logic.loadResults(str(outdir), {"fixed": fixed, "moving": moving}, RegistrationOptions())
+        logic.loadResults(str(outdir), {"fixed": fixed, "moving": moving}, JobOptions())
     assert node_ids(scene) == ids
 
 
 def test_registration_command_line_follows_the_options(logic):
-    options = RegistrationOptions(method="dino-mind", preset="fast", device="cuda", params={"iterations": "50"},
+    options = JobOptions(method="dino-mind", preset="fast", device="cuda", params={"iterations": "50"},
                                   affineStage=False, computeInverse=False, computeJacobian=True)
     args = logic.registrationArguments("f.nrrd", "m.nrrd", "out", options, fixedMaskPath="fm.nrrd")
     assert args[:5] == ["register", "f.nrrd", "m.nrrd", "-o", "out"]
@@ -601,7 +601,7 @@ def test_application_exit_stops_the_engine_and_removes_the_exported_images(fake_
     set_mode("slow")
     scene = new_scene()
     fixed, moving = add_pair(scene)
-    job = logic.startRegistration(fixed, moving, RegistrationOptions(method="affine"))
+    job = logic.startRegistration(fixed, moving, JobOptions(method="affine"))
     assert Path(job.workDir).is_dir() and any(Path(job.workDir).glob("*.nrrd"))  # the exported images
     assert job.workDir in RUNNING
 

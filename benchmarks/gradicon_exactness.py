@@ -72,7 +72,7 @@ def main() -> None:
 
 def io_step(side: int) -> None:
     """One step of the io preset (the reference's fine-tuning) and the final forward, random weights."""
-    from dinoreg.methods.published import DEFAULTS, instance_optimisation
+    from dinoreg.methods.published import DEFAULTS, finetune_network_io
     from dinoreg.progress import Progress
 
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def io_step(side: int) -> None:
         parameter.data.normal_(0, 0.05)
     moving, fixed = torch.rand(1, 1, side, side, side), torch.rand(1, 1, side, side, side)
     params = {**DEFAULTS, "io_iterations": 1}
-    _, wall, cpu = timed(lambda: instance_optimisation(network, moving, fixed, params, Progress()))
+    _, wall, cpu = timed(lambda: finetune_network_io(network, moving, fixed, params, Progress()))
     print(f"side {side}: one io step + final forward {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 

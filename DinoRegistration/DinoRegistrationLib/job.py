@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RegistrationOptions:
+class JobOptions:
     """What to run and where the results go. ``params`` are engine method parameters (``--param key=value``).
 
     ``outputVolume`` / ``outputTransform``: existing nodes to fill with the warped volume and the
@@ -36,7 +36,7 @@ class RegistrationOptions:
 
 
 @dataclass
-class RegistrationResult:
+class JobResult:
     """Nodes added to (or filled in) the scene by one successful registration."""
 
     fixedVolume: Any
@@ -79,7 +79,7 @@ class RegistrationJob:
     """
 
     def __init__(self, logic: "DinoRegistrationLogic", process: EngineProcess, workDir: str, outputDir: str,
-                 inputs: Dict[str, Any], options: RegistrationOptions,
+                 inputs: Dict[str, Any], options: JobOptions,
                  onProgress: Optional[Callable[["RegistrationJob"], None]] = None,
                  onFinished: Optional[Callable[["RegistrationJob"], None]] = None) -> None:
         self.logic, self.process, self.workDir, self.outputDir = logic, process, workDir, outputDir
@@ -91,7 +91,7 @@ class RegistrationJob:
         self.secondsLeft: Optional[float] = None
         self.message = ""
         self.details = ""
-        self.result: Optional[RegistrationResult] = None
+        self.result: Optional[JobResult] = None
         self.startTime = time.monotonic()
         self.cleanedUp = False
         self._doneEvent: Optional[Dict[str, Any]] = None

@@ -20,7 +20,7 @@ import vtk
 
 import slicer
 
-from DinoRegistrationLib.job import RegistrationError, RegistrationJob, RegistrationOptions, RegistrationResult
+from DinoRegistrationLib.job import RegistrationError, RegistrationJob, JobOptions, JobResult
 from DinoRegistrationLib.process import EngineProcess, defaultPythonExecutable
 
 try:  # inside Slicer; headless (slicer-core) has no ScriptedLoadableModule
@@ -42,7 +42,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     Typical use::
 
         logic = DinoRegistrationLogic()
-        result = logic.register(fixedNode, movingNode, RegistrationOptions(method="mind-zeroshot"))
+        result = logic.register(fixedNode, movingNode, JobOptions(method="mind-zeroshot"))
         logic.showComparison(result, mode="difference")
 
     ``startRegistration`` is the non-blocking form used by the panel.
@@ -104,7 +104,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     def lastErrorLine(process: EngineProcess) -> str:
         return process.lastErrorLine()
 
-    def registrationArguments(self, fixedPath: str, movingPath: str, outputDir: str, options: RegistrationOptions,
+    def registrationArguments(self, fixedPath: str, movingPath: str, outputDir: str, options: JobOptions,
                               fixedMaskPath: str = "", movingMaskPath: str = "",
                               movingLabelsPath: str = "") -> List[str]:
         """Arguments of ``dinoreg register`` for these files and options."""
@@ -128,7 +128,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ running
 
-    def startRegistration(self, fixedVolume: Any, movingVolume: Any, options: Optional[RegistrationOptions] = None,
+    def startRegistration(self, fixedVolume: Any, movingVolume: Any, options: Optional[JobOptions] = None,
                           fixedMask: Any = None, movingMask: Any = None, movingSegmentation: Any = None,
                           onProgress: Optional[Callable[[RegistrationJob], None]] = None,
                           onFinished: Optional[Callable[[RegistrationJob], None]] = None) -> RegistrationJob:
@@ -138,7 +138,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         map nodes. Parent transforms (linear only) of every input are taken into account. The scene is
         not changed. Raises ``RegistrationError`` for unusable inputs.
         """
-        options = options or RegistrationOptions()
+        options = options or JobOptions()
         self.checkInputs(fixedVolume, movingVolume, options)
         workDir = newWorkDirectory()
         try:
@@ -156,9 +156,9 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
                   "segmentInfo": paths.get("segmentInfo")}
         return RegistrationJob(self, process, workDir, outputDir, inputs, options, onProgress, onFinished)
 
-    def register(self, fixedVolume: Any, movingVolume: Any, options: Optional[RegistrationOptions] = None,
+    def register(self, fixedVolume: Any, movingVolume: Any, options: Optional[JobOptions] = None,
                  fixedMask: Any = None, movingMask: Any = None, movingSegmentation: Any = None,
-                 timeout: Optional[float] = None) -> RegistrationResult:
+                 timeout: Optional[float] = None) -> JobResult:
         """Blocking registration (scripts, tests): returns the result or raises ``RegistrationError``."""
         job = self.startRegistration(fixedVolume, movingVolume, options, fixedMask, movingMask, movingSegmentation)
         if not job.wait(timeout):
@@ -178,7 +178,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ inputs
 
     @staticmethod
-    def checkInputs(fixedVolume: Any, movingVolume: Any, options: Optional[RegistrationOptions] = None) -> None:
+    def checkInputs(fixedVolume: Any, movingVolume: Any, options: Optional[JobOptions] = None) -> None:
         """One-line ``RegistrationError`` for inputs that cannot be registered."""
         for role, node in (("fixed", fixedVolume), ("moving", movingVolume)):
             if node is None or node.GetImageData() is None:
@@ -280,7 +280,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ outputs
 
-    def loadResults(self, outputDir: str, inputs: Dict[str, Any], options: RegistrationOptions) -> RegistrationResult:
+    def loadResults(self, outputDir: str, inputs: Dict[str, Any], options: JobOptions) -> JobResult:
         """Add the engine's outputs to the scene of the inputs: all of them, or none if anything fails.
         Output nodes chosen in ``options`` are filled last, once everything else has loaded."""
         from DinoRegistrationLib import scene as scene_module
@@ -299,7 +299,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         with temporaryNodes(scene, keep=True):
             nodes = scene_module.load_registration_outputs(scene, outputDir, fixed, moving)
             report = json.loads(nodes["report"].GetText()) if nodes.get("report") else {}
-            result = RegistrationResult(
+            result = JobResult(
                 fixedVolume=fixed, movingVolume=moving, warpedVolume=nodes["warped"], transform=nodes["transform"],
                 heatmap=nodes["heatmap"], heatmapBefore=nodes["heatmap_before"],
                 inverseTransform=nodes.get("inverse_transform"), jacobian=nodes.get("jacobian"),
@@ -357,7 +357,7 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ views
 
     @staticmethod
-    def showComparison(result: RegistrationResult, mode: str = "fade", before: bool = False,
+    def showComparison(result: JobResult, mode: str = "fade", before: bool = False,
                        opacity: Optional[float] = None) -> None:
         """Set the slice views to compare fixed with the result (see ``scene.show_comparison``): ``mode``
         fade (fixed vs warped; ``before=True``: vs original moving), difference (heatmap after or before)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dinoreg.app.output_policy import BATCH, MARKER, check_output_target, write_marker
-from dinoreg.app.output_policy import remove_stale_staging as remove_staging_folder
+from dinoreg.app.output_policy import remove_stale_staging
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 from dinoreg.io.output_files import OUTPUT_FILES
 from dinoreg.io.file_modes import honour_umask
@@ -155,10 +155,10 @@ def is_done(folder: Path, pair: BatchPair, settings: BatchSettings) -> bool:
     return isinstance(report, dict) and report.get("request") == json.loads(json.dumps(pair_request(pair, settings)))
 
 
-def remove_stale_staging(outdir: Path, pair: BatchPair) -> None:
+def remove_pair_staging(outdir: Path, pair: BatchPair) -> None:
     """Remove the staging folders a killed run of ``pair`` left (only ours: see output_policy); an
     incomplete pair folder of ours is replaced by the next write, one not ours fails that pair."""
-    remove_staging_folder(outdir / pair.name)
+    remove_stale_staging(outdir / pair.name)
 
 
 # ---------------------------------------------------------------------------------------------- one pair
@@ -180,7 +180,7 @@ def run_pair(pair: BatchPair, outdir: str, settings: BatchSettings) -> dict[str,
     except MemoryError:
         return failed_row(pair, "out of memory: run fewer workers (--workers) or use --preset fast")
     except Exception as error:  # every failure of one pair is reported, never propagated
-        return failed_row(pair, one_line(error))
+        return failed_row(pair, user_message(error))
 
 
 def register_pair(pair: BatchPair, folder: Path, settings: BatchSettings) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def register_pair(pair: BatchPair, folder: Path, settings: BatchSettings) -> dic
     return result.report
 
 
-def one_line(error: BaseException) -> str:
+def user_message(error: BaseException) -> str:
     """The first line of an error message, with its type when it is not one of ours."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if isinstance(error, (InputError, RegistrationFailed, Cancelled)):
@@ -269,7 +269,7 @@ def run_batch(pairs: list[BatchPair], outdir: str | os.PathLike, settings: Batch
             if on_result:
                 on_result(rows[pair.name])
         else:
-            remove_stale_staging(outdir, pair)
+            remove_pair_staging(outdir, pair)
             todo.append(pair)
     try:
         if scheduler:
@@ -320,12 +320,12 @@ def run_in_process_pool(pairs: list[BatchPair], outdir: Path, settings: BatchSet
 
 def retry_alone(pairs: list[BatchPair], outdir: Path, settings: BatchSettings) -> Iterable[dict[str, Any]]:
     for pair in pairs:
-        remove_stale_staging(outdir, pair)
+        remove_pair_staging(outdir, pair)
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
                 yield pool.submit(run_pair, pair, str(outdir), settings).result()
             except BrokenProcessPool:
-                remove_stale_staging(outdir, pair)
+                remove_pair_staging(outdir, pair)
                 yield failed_row(pair, "the worker process died (killed or out of memory): rerun with fewer workers")
 
 
@@ -341,7 +341,7 @@ def run_on_dask(pairs: list[BatchPair], outdir: Path, settings: BatchSettings, s
     try:
         client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError) as error:
-        raise InputError(f"cannot reach the Dask scheduler '{scheduler}' ({one_line(error)}): "
+        raise InputError(f"cannot reach the Dask scheduler '{scheduler}' ({user_message(error)}): "
                          "check the address (tcp://host:8786) and that the scheduler runs") from None
     try:
         futures = [client.submit(run_pair, pair, str(outdir), settings, key=f"dinoreg-{pair.name}-{os.getpid()}",
@@ -351,7 +351,7 @@ def run_on_dask(pairs: list[BatchPair], outdir: Path, settings: BatchSettings, s
             try:
                 yield future.result()
             except Exception as error:  # the worker died or the task was lost
-                yield failed_row(by_key[future.key], f"Dask task failed: {one_line(error)}")
+                yield failed_row(by_key[future.key], f"Dask task failed: {user_message(error)}")
     finally:
         client.close()
 

@@ -18,7 +18,7 @@ and ``icon_registration.itk_wrapper.register_pair``; checked against it in ``Tes
 No affine stage by default (the reference has none); with ``affine=true`` the moving image is first
 resampled through our affine onto the fixed grid and the chain ends with that affine.
 ``io`` preset: the reference's instance optimisation (50 Adam steps, learning rate 2e-5, on the
-network's weights, with its own loss); see :func:`instance_optimisation`.
+network's weights, with its own loss); see :func:`finetune_network_io`.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class PublishedMethod(Method):
         iterations = int(params["io_iterations"])
         if iterations > 0:
             progress.stage(STAGE_IO)
-            displacement = instance_optimisation(network, moving_net, fixed_net, params, progress)
+            displacement = finetune_network_io(network, moving_net, fixed_net, params, progress)
         else:
             progress.stage(STAGE_NETWORK)
             with torch.no_grad():
@@ -195,7 +195,7 @@ class PublishedMethod(Method):
         return to_network(fixed, shape, problem.device), to_network(moving_t, shape, problem.device), moving.grid
 
 
-def instance_optimisation(network: Any, moving: torch.Tensor, fixed: torch.Tensor, params: dict[str, Any],
+def finetune_network_io(network: Any, moving: torch.Tensor, fixed: torch.Tensor, params: dict[str, Any],
                           progress: Any) -> torch.Tensor:
     """The reference's IO (``itk_wrapper.register_pair(finetune_steps=...)``): Adam on a copy of the
     network's weights with the training loss (:func:`gradicon_loss`), then the tuned network's field.
