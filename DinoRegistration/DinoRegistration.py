@@ -578,7 +578,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not name:
             self.setStatus("Could not tell which weights to download: see 'dinoreg weights --help'.", error=True)
             return
-        self.weightsProcess = self.logic.startWeightsDownload(name)
+        if methodList.isNetworkDownload(method or {}):
+            self.weightsProcess = self.logic.startModelDownload(name)
+        else:
+            self.weightsProcess = self.logic.startWeightsDownload(name)
         self.ui.downloadWeightsButton.visible = False
         self.setStatus(f"Downloading model weights '{name}' (once; they are kept in the cache)...")
         self.showProgress(f"downloading {name}", 0.0, None, busy=True)

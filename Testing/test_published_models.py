@@ -123,3 +123,24 @@ def test_modality_choice_and_bad_input_give_one_line_errors():
         normalise_intensities(np.full((4, 4, 4), 3000.0, dtype=np.float32), "ct")  # all above the window
     with pytest.raises(InputError, match="constant after MRI normalisation"):
         normalise_intensities(np.full((4, 4, 4), 7.0, dtype=np.float32), "mri")
+
+
+def test_panel_download_of_a_published_network_uses_models_download_with_json_progress(served_weights, capsys):
+    """The panel's Download button for a network runs ``dinoreg models download NAME --progress-json`` in the
+    background (not the DINO backbone downloader), and that command speaks the panel's event protocol."""
+    import argparse
+
+    from DinoRegistrationLib import methods as methodList
+    from dinoreg.cli.models import download_handler
+    from dinoreg.progress import parse_event
+
+    row = {"name": "unigradicon", "available": False,
+           "weights": {"source": "published", "present": False}, "reason": "run 'dinoreg models download unigradicon'"}
+    assert methodList.needsWeights(row) and methodList.isNetworkDownload(row)
+    assert methodList.weightsName(row) == "unigradicon"
+    assert download_handler(argparse.Namespace(names=["unigradicon"], progress_json=True)) == 0
+    events = [parse_event(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(event is not None for event in events)  # nothing but JSON events on stdout
+    assert events[-1]["event"] == "done" and events[-1]["name"] == "unigradicon"
+    fractions = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert fractions and fractions[-1] == 1.0 and fractions == sorted(fractions)

@@ -324,6 +324,23 @@ def test_an_unavailable_method_blocks_register_with_the_reason_and_offers_the_do
     assert ui.statusLabel.text.startswith("Downloading weights failed") or ui.statusLabel.text == "Model weights downloaded."
 
 
+def test_the_download_button_of_a_published_network_fetches_it_with_models_download(panel, monkeypatch):
+    """uniGradICON's weights come from 'dinoreg models download', not from the DINO backbone downloader."""
+    widget, ui, scene, _ = panel
+    run_timer(widget, lambda: widget.methods and widget.methodsQuery.finished, 180)
+    index = ui.methodComboBox.findData("unigradicon")
+    assert index >= 0 and ui.methodComboBox.items[index][0].startswith("uniGradICON (trained network, download")
+    widget.onMethodChanged(index)
+    assert ui.downloadWeightsButton.visible
+    started = []
+    monkeypatch.setattr(widget.logic, "startModelDownload",
+                        lambda name: started.append(name) or widget.logic.startEngine("models", "list"))
+    monkeypatch.setattr(widget.logic, "startWeightsDownload", lambda name: pytest.fail("DINO downloader used"))
+    widget.onDownloadWeights()
+    assert started == ["unigradicon"]
+    run_timer(widget, lambda: widget.weightsProcess is None, 120)
+
+
 def test_register_installs_only_the_chosen_methods_package_family(panel, monkeypatch):
     """A fresh environment missing the DINO family: MIND registers without installing anything; a DINO method
     asks once and installs the 'dino' family (transformers) through the installer, then re-checks."""

@@ -91,6 +91,10 @@ class DinoRegistrationLogic(ScriptedLoadableModuleLogic):
         """Background ``dinoreg weights download NAME --progress-json`` into the engine's cache."""
         return self.startEngine("weights", "download", name, "--progress-json")
 
+    def startModelDownload(self, name: str) -> EngineProcess:
+        """Background ``dinoreg models download NAME --progress-json``: a trained or published network's weights."""
+        return self.startEngine("models", "download", name, "--progress-json")
+
     def startWeightsClear(self) -> EngineProcess:
         """Background ``dinoreg weights clear --hub``: removes downloaded DINO weights (also from the hub cache)."""
         return self.startEngine("weights", "clear", "--hub")

@@ -134,8 +134,16 @@ def weightsNameFromReason(reason: str) -> Optional[str]:
     return None
 
 
+def isNetworkDownload(method: Dict[str, Any]) -> bool:
+    """True for a trained or published network whose weights ``dinoreg models download`` fetches (its name is the method's)."""
+    weights = method.get("weights") or {}
+    return bool(weights) and weights.get("source") in ("download", "published")
+
+
 def weightsName(method: Dict[str, Any]) -> Optional[str]:
-    """What ``dinoreg weights download`` must fetch for this method, or None."""
+    """What ``dinoreg weights download`` (DINO backbones) or, for networks, ``dinoreg models download`` must fetch."""
+    if isNetworkDownload(method):
+        return str(method.get("name") or "") or None
     name = weightsNameFromReason(str(method.get("reason", "")))
     if name:
         return name

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from dinoreg.errors import InputError
+from dinoreg.progress import done_event, print_event, progress_event
 from dinoreg.store import card_summary, clear_models, download_model, find_model, list_models, models_dir, read_card
 from dinoreg.store.published import published_card
 
@@ -47,6 +48,8 @@ def add_models_command(sub: Any) -> None:
     listing.set_defaults(func=list_handler)
     download = actions.add_parser("download", help="fetch a model into the models folder (needs internet)")
     download.add_argument("names", nargs="+", help="model names (see 'dinoreg models list')")
+    download.add_argument("--progress-json", action="store_true",
+                          help="progress as JSON lines on stdout (used by the Slicer panel)")
     download.set_defaults(func=download_handler)
     verify = actions.add_parser("verify", help="check hashes and cards, load and run each model once")
     verify.add_argument("models", nargs="*", help="names or model files (default: every present model)")
@@ -83,8 +86,27 @@ def download_handler(args: argparse.Namespace) -> int:
         progress = None
         if info is not None and info.source == "published":
             progress = _announce_published(name)
-        print(f"{name}: {download_model(name, progress)}")
+        if getattr(args, "progress_json", False):
+            progress = _json_progress(name)
+        path = download_model(name, progress)
+        if getattr(args, "progress_json", False):
+            print_event(done_event(name=name, path=str(path)))
+        else:
+            print(f"{name}: {path}")
     return 0
+
+
+def _json_progress(name: str) -> Any:
+    """A download progress callback ``(bytes done, total or None)`` printing the panel's JSON events."""
+    shown = [-1.0]
+
+    def progress(done: int, total: int | None) -> None:
+        fraction = done / total if total else None
+        if fraction is None or fraction - shown[0] >= 0.01 or fraction >= 1.0:
+            shown[0] = fraction if fraction is not None else shown[0]
+            print_event(progress_event(f"downloading {name}", fraction, None))
+
+    return progress
 
 
 def _announce_published(name: str) -> Any:
