@@ -56,7 +56,7 @@ def test_requirements_resolve_with_wheels(python, tmp_path):
     assert run.returncode == 0, f"requirements do not resolve for Python {version}:\n{run.stderr[-3000:]}"
     normalise = lambda name: re.sub(r"[-_.]+", "-", name.lower())  # noqa: E731
     resolved = {normalise(item["metadata"]["name"]): item["metadata"]["version"]
-                for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+                for item in json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["install"]}
     for requirement in requirement_list(python):
         name, minimum = requirements.split_requirement(requirement)
         key = normalise(name)
