@@ -89,8 +89,8 @@ BRAIN_MR: dict[str, Any] = {}
 # 'accurate': the default's ConvexAdam, then the refinement on a 1.4 mm grid (12 iterations, 2 squarings).
 # Issue 17: the earlier version (1 mm working grid, 1 mm refinement, 30 iterations, 4 squarings) ran over
 # 9 CPU minutes per 1 mm brain pair; one 1 mm refinement iteration costs ~9 CPU s (grid_sample backward
-# of every squaring, then the box filters), one at 1.4 mm ~2.9 s. 1.4 mm x 12 gave +0.004/+0.008 Dice
-# over the default on the two real directions (BENCHMARKS.md).
+# of every squaring, then the box filters), one at 1.4 mm ~2.9 s. 1.4 mm x 12 gave +0.004/+0.009 Dice
+# over the default on the two real directions and +0.013 on the 6 synthetic pairs (BENCHMARKS.md).
 ACCURATE: dict[str, Any] = {"refine_spacing_mm": 1.4, "refine_iterations": 12, "refine_integration_steps": 2}
 BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5, "refine_spacing_mm": 0.0}
 #: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
