@@ -38,7 +38,7 @@ STAGE_OUTPUT = "output field"
 # Every parameter shared by the three methods. Defaults were tuned for speed and accuracy on a
 # 2-core CPU with inter-subject brain MR pairs (T1-like images synthesised from SynthSeg label
 # maps, affine pre-aligned): 160x192x224 in ~10-20 s, ~1.3 GB, mean Dice 0.736 on 32 structures
-# vs 0.722 for ANTs SyN and 0.577 affine only; the 'accurate' preset (1 mm) reaches ~0.765.
+# vs 0.722 for ANTs SyN and 0.577 affine only (before issue 17's refinement; see BENCHMARKS.md).
 COMMON_DEFAULTS: dict[str, Any] = {
     # working grid and intensities
     "working_spacing_mm": 1.6,          # grid the features and fields live on (mm; never finer than the fixed image);
@@ -86,8 +86,12 @@ DINO_STAGE_WEIGHTS = {**STAGE_WEIGHTS, STAGE_DINO: 20.0}
 
 # Presets overlay the defaults. 'brain-mr' is the tuned default itself (the defaults were tuned on brain MR).
 BRAIN_MR: dict[str, Any] = {}
-ACCURATE: dict[str, Any] = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_iterations": 30, "refine_spacing_mm": 1.0,
-                             "refine_iterations": 30, "refine_integration_steps": 4}
+# 'accurate': the default's ConvexAdam, then the refinement on a 1.4 mm grid (12 iterations, 2 squarings).
+# Issue 17: the earlier version (1 mm working grid, 1 mm refinement, 30 iterations, 4 squarings) ran over
+# 9 CPU minutes per 1 mm brain pair; one 1 mm refinement iteration costs ~9 CPU s (grid_sample backward
+# of every squaring, then the box filters), one at 1.4 mm ~2.9 s. 1.4 mm x 12 gave +0.004/+0.009 Dice
+# over the default on the two real directions and +0.013 on the 6 synthetic pairs (BENCHMARKS.md).
+ACCURATE: dict[str, Any] = {"refine_spacing_mm": 1.4, "refine_iterations": 12, "refine_integration_steps": 2}
 BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5, "refine_spacing_mm": 0.0}
 #: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
 BODY_CT_DINO: dict[str, Any] = {**BODY_CT, "ct_window": "-150,250"}

@@ -100,22 +100,48 @@ def fine_spacing_for_budget(requested_mm: float, fixed_spacing: Sequence[float],
     return spacing
 
 
-def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
-    """Local NCC map ``(1, 1, K, J, I)`` in [0, 1] (squared correlation, as ANTs' CC) over box windows
-    of ``2 * radius + 1`` voxels; flat windows (both variances ~0) score 1, whatever the shift."""
+def box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over ``(2 * radius + 1)^3`` box windows, voxels outside the volume left out, as three
+    1-D passes: the same values as ``avg_pool3d(count_include_pad=False)`` (a box and its in-volume
+    voxel count both factorise per axis) at 3 * (2r + 1) instead of (2r + 1)^3 reads per voxel
+    (issue 17: the 3-D box filters were a third of a 1 mm refinement iteration)."""
     size = 2 * radius + 1
+    for axis in range(3):
+        kernel, padding = [1, 1, 1], [0, 0, 0]
+        kernel[axis], padding[axis] = size, radius
+        volume = F.avg_pool3d(volume, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
+    return volume
 
-    def box(volume: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(volume, size, stride=1, padding=radius, count_include_pad=False)
 
-    mean_f, mean_m = box(fixed), box(moving)
-    var_f = box(fixed * fixed) - mean_f * mean_f
-    var_m = box(moving * moving) - mean_m * mean_m
-    cov = box(fixed * moving) - mean_f * mean_m
+@dataclass
+class FixedWindows:
+    """Box-window statistics of the fixed image, computed once per refinement (no gradient)."""
+
+    image: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+
+    @classmethod
+    def of(cls, fixed: torch.Tensor, radius: int) -> "FixedWindows":
+        with torch.no_grad():
+            mean = box_mean(fixed, radius)
+            return cls(fixed, mean, (box_mean(fixed * fixed, radius) - mean * mean).clamp_min(0))
+
+
+def local_ncc(fixed: torch.Tensor | FixedWindows, moving: torch.Tensor, radius: int) -> torch.Tensor:
+    """Local NCC map ``(1, 1, K, J, I)`` in [0, 1] (squared correlation, as ANTs' CC) over box windows
+    of ``2 * radius + 1`` voxels; flat windows (both variances ~0) score 1, whatever the shift.
+    ``fixed``: the image, or its :class:`FixedWindows` (made with the same ``radius``) to reuse."""
+    windows = fixed if isinstance(fixed, FixedWindows) else FixedWindows.of(fixed, radius)
+    # the three moving-dependent window sums in one (channel-batched) filter
+    sums = box_mean(torch.cat([moving, moving * moving, windows.image * moving], dim=1), radius)
+    mean_m = sums[:, 0:1]
+    var_m = sums[:, 1:2] - mean_m * mean_m
+    cov = sums[:, 2:3] - windows.mean * mean_m
     # (cov^2 + eps) / (var_f var_m + eps) <= 1 (Cauchy-Schwarz), = 1 for identical windows: identical
     # images sit at the maximum. With eps only below (cov^2 / (var var + eps)), raising the moving
     # window's contrast paid, and a brain registered to itself drifted by 0.07 voxel.
-    return (cov * cov + NCC_EPSILON) / (var_f.clamp_min(0) * var_m.clamp_min(0) + NCC_EPSILON)
+    return (cov * cov + NCC_EPSILON) / (windows.variance * var_m.clamp_min(0) + NCC_EPSILON)
 
 
 def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, settings: RefineSettings,
@@ -135,6 +161,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, set
     with torch.no_grad():
         warped = geometry.warp(moving.float(), start)  # moving pre-warped by ConvexAdam's field
         weight = None if mask is None else (mask > 0.5).float()
+        windows = FixedWindows.of(fixed.float(), settings.ncc_radius) if settings.similarity == "ncc" else None
         cells = 3.0 * fixed[0, 0].numel()  # diffusion_penalty is a mean over channels and voxels
     velocity = torch.zeros_like(start).requires_grad_(True)
     optimiser = Adam(velocity, settings.learning_rate, eps=ADAM_EPSILON)
@@ -150,7 +177,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, set
         field = displacement_of(velocity)
         moved = geometry.warp(warped, field)
         if settings.similarity == "ncc":
-            similarity = local_ncc(fixed, moved, settings.ncc_radius)
+            similarity = local_ncc(windows, moved, settings.ncc_radius)
         else:
             similarity = -(moved - fixed).square().sum(dim=1, keepdim=True)
         data = -(similarity * weight).sum() if weight is not None else -similarity.sum()
