@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,17 @@ device = "cpu"
 """
 
 
+
+def free_port() -> int:
+    """A TCP port no one listens on now (a fixed port collides when two test runs share the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 def test_two_process_ddp_training_agrees(tmp_path):
     (tmp_path / "tiny.toml").write_text(CONFIG)
     env = dict(os.environ, PYTHONPATH=str(REPO / "DinoRegistration"), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "dinoreg", "train", "--config", str(tmp_path / "tiny.toml"),
                "--output", str(tmp_path / "run"), "--quiet"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
