@@ -4,6 +4,7 @@ optional package families installed only when asked for (a MIND user never waits
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -195,3 +196,20 @@ def test_the_engine_names_the_missing_family_and_its_extra(monkeypatch):
     assert not availability.ok and 'pip install "dinoreg[dino]"' in availability.reason and "transformers" in availability.reason
     error = requirements.missing_family_error("losses", "MONAI's losses")
     assert isinstance(error, InputError) and "monai" in str(error) and "dinoreg[losses]" in str(error)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to a process group: POSIX (Windows forces the stop)")
+def test_cancel_reaches_pip_even_when_the_parent_ignores_ctrl_c(fake_pip, monkeypatch):
+    """A parent that ignores SIGINT (a shell's background job) passes the ignore on: pip must still get Ctrl+C."""
+    site, cleaned = fake_pip
+    monkeypatch.setenv("DOWNLOAD_SECONDS", "120")
+    monkeypatch.setenv("INSTALL_SECONDS", "0")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pip = install.startPipInstall(["tinypkg"], sys.executable)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    poll_until(pip, lambda: pip.lastLine == "Collecting tinypkg")
+    assert pip.cancel() is True
+    poll_until(pip, lambda: pip.finished, 30)
+    assert pip.cancelled and cleaned.exists() and list(site.iterdir()) == []  # pip's own clean-up ran

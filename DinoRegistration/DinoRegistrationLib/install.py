@@ -98,6 +98,13 @@ def pytorchUtilsAvailable() -> bool:
 PIP_INSTALL_PHASE = "Installing collected packages"
 
 
+#: ``python -m pip`` with Ctrl+C (SIGINT) turned back on. A process started from a parent that ignores SIGINT
+#: (a shell's background job, some launchers and daemons) inherits the ignore, and Python then never raises
+#: KeyboardInterrupt: Cancel would find pip deaf, kill it after the grace time, and pip could not clean up.
+PIP_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv[0] = 'pip'; runpy.run_module('pip', run_name='__main__', alter_sys=True)")
+
+
 class PipInstall(EngineProcess):
     """``python -m pip install REQUIREMENTS`` in the background (as ``slicer.util.pip_install`` runs it, without
     blocking Slicer): ``poll()`` from a timer, ``lastLine`` for the progress dialog, ``cancel()`` for its Cancel.
@@ -119,7 +126,7 @@ class PipInstall(EngineProcess):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("PYTHONIOENCODING", "utf-8")
-        super().__init__([python, "-m", "pip", "install", "--progress-bar", "off", *requirements], env)
+        super().__init__([python, "-c", PIP_WITH_CTRL_C, "install", "--progress-bar", "off", *requirements], env)
         self.requirements = list(requirements)
         self.phase = "download"
         self.cancelRequested = False
