@@ -445,7 +445,8 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 download.visible = True
         for setting, widget in (("featureModel", self.ui.featureModelComboBox),
                                 ("regularisation", self.ui.regularisationSpinBox),
-                                ("iterations", self.ui.iterationsSpinBox)):
+                                ("iterations", self.ui.iterationsSpinBox),
+                                ("inverseConsistent", self.ui.inverseConsistentCheckBox)):
             key = methodList.methodParameterKey(method, setting)
             widget.enabled = key is not None
             widget.toolTip = (f"Method parameter '{key}' (default {method['parameters'][key]})" if key
@@ -621,10 +622,10 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = self.selectedMethod()
         params = {}
         for setting, value in (("featureModel", p.featureModel), ("regularisation", p.regularisation),
-                               ("iterations", p.iterations)):
+                               ("iterations", p.iterations), ("inverseConsistent", p.inverseConsistent)):
             key = methodList.methodParameterKey(method, setting)
             if key and value:
-                params[key] = str(value)
+                params[key] = "true" if value is True else str(value)
         options = JobOptions(method=p.method or "auto", preset=p.preset, device=p.device or "auto",
                                       params=params, affineStage=p.affineStage, computeInverse=p.computeInverse,
                                       computeJacobian=p.computeJacobian, keepAffine=p.keepAffine,

@@ -128,3 +128,46 @@ def test_separable_box_mean_equals_the_3d_box_filter_at_the_borders_too():
     expected = F.avg_pool3d(fixed, 5, stride=1, padding=2, count_include_pad=False)
     assert torch.allclose(box_mean(fixed, 2), expected, atol=1e-6)
     assert torch.allclose(local_ncc(FixedWindows.of(fixed, 2), moving, 2), local_ncc(fixed, moving, 2), atol=1e-6)
+
+
+def round_trip_error_mm(fixed: Volume, moving: Volume, params: dict, mask: np.ndarray,
+                        truth: Transform) -> tuple[float, float]:
+    """Register both ways with ``params`` (no affine); over ``mask`` of the fixed grid, the mean
+    |backward(forward(x)) - x| and the mean |forward(x) - truth(x)|, mm. Checks there is no folding."""
+    options = RegistrationOptions(method="mind-zeroshot", params=params, use_affine=False, compute_inverse=False,
+                                  compute_jacobian=False)
+    forward = register(fixed, moving, options).transform
+    backward = register(moving, fixed, options).transform
+    assert float(transform_jacobian(forward, fixed.grid).min()) > 0
+    points = spatial.grid_points(fixed.grid)[torch.from_numpy(mask)].view(-1, 1, 1, 3)  # (N, 1, 1, 3) LPS mm
+    mapped = forward.apply(points)
+    return (float((backward.apply(mapped) - points).norm(dim=-1).mean()),
+            float((mapped - truth.apply(points)).norm(dim=-1).mean()))
+
+
+def test_inverse_consistent_option_makes_the_two_directions_each_others_inverse(brain_1mm):
+    """A brain and its deformed copy registered both ways: with ``inverse_consistent`` (both directions
+    through search, Adam and refinement, then symmetrised) backward(forward(x)) lands on x (measured
+    0.004 mm; 0.48 mm without), at least as accurately, without folding."""
+    moving, mask = brain_1mm
+    truth = Transform([DenseField.from_voxel_displacement(smooth_deformation(moving.array.shape, 2.0), moving.grid)])
+    fixed = warp_volume(moving, truth, moving.grid)
+    inner = mask.copy()  # away from the block's faces, where the moving image is border-extended
+    for axis in range(3):
+        index = [slice(None)] * 3
+        index[axis] = np.r_[0:10, mask.shape[axis] - 10:mask.shape[axis]]
+        inner[tuple(index)] = False
+    quick = {"working_spacing_mm": 2.0, "refine_spacing_mm": 1.5, "refine_iterations": 10}
+    plain, plain_error = round_trip_error_mm(fixed, moving, quick, inner, truth)
+    consistent, consistent_error = round_trip_error_mm(fixed, moving, {**quick, "inverse_consistent": True}, inner, truth)
+    print(f"round trip: {plain:.3f} mm without, {consistent:.3f} mm with inverse_consistent; error vs truth "
+          f"{plain_error:.3f} / {consistent_error:.3f} mm")
+    assert plain > 0.2 and consistent < 0.05
+    assert consistent_error < plain_error + 0.05
+
+
+def test_inverse_consistent_option_keeps_a_real_brain_exactly_in_place(brain_1mm):
+    volume, _ = brain_1mm
+    options = RegistrationOptions(method="mind-zeroshot", params={"inverse_consistent": True}, compute_inverse=False,
+                                  compute_jacobian=False)
+    assert_exact_identity(volume, register(volume, volume, options).transform, "mind-zeroshot inverse_consistent")

@@ -533,6 +533,9 @@ def test_environment_probe_and_method_list_run_in_the_background(logic):
     assert {"identity", "affine"} <= set(by_name) and by_name["affine"]["available"]
     assert all(m["available"] or m["reason"] for m in listed)
     assert method_list.methodParameterKey({"parameters": {"alpha": 1.0}}, "regularisation") == "alpha"
+    # the panel's Inverse-consistent check box reaches the zero-shot methods' parameter, and only theirs
+    assert method_list.methodParameterKey(by_name["mind-zeroshot"], "inverseConsistent") == "inverse_consistent"
+    assert method_list.methodParameterKey(by_name["affine"], "inverseConsistent") is None
     dino = by_name.get("dino-zeroshot")
     if dino is not None and not dino["available"] and "weights download" in dino["reason"]:
         assert method_list.weightsNameFromReason(dino["reason"])  # the panel's download button knows what to fetch

@@ -175,10 +175,10 @@ def run_fireants(fixed: str, moving: str, out: str, device: str) -> dict[str, An
     device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
     fixed_image = BatchedImages([Image.load_file(fixed, device=device)])
     moving_image = BatchedImages([Image.load_file(moving, device=device)])
-    # On a CPU the full-resolution level is left out: with it one 1 mm brain pair takes over an hour
-    # on 2 cores (about 5 s per iteration at 2 mm already); the warp of the half-resolution level is
-    # upsampled by FireANTs itself when exported. DINOREG_FIREANTS_SCALES (e.g. "4,2,1") overrides.
-    scales, iterations = ([4, 2, 1], [200, 100, 50]) if device == "cuda" else ([4, 2], [200, 100])
+    # Its OASIS example's levels everywhere, down to the image's own resolution (the anchor must be
+    # FireANTs as published: issue 17). On a 2-core CPU that is slow (the full-resolution level
+    # dominates); DINOREG_FIREANTS_SCALES (e.g. "4,2") leaves levels out for quick looks only.
+    scales, iterations = [4, 2, 1], [200, 100, 50]
     if os.environ.get("DINOREG_FIREANTS_SCALES"):
         scales = [int(x) for x in os.environ["DINOREG_FIREANTS_SCALES"].split(",")]
         iterations = [{4: 200, 2: 100, 1: 50}.get(x, 100) for x in scales]

@@ -26,6 +26,7 @@ ADVANCED_PARAMETERS = {
     "featureModel": ("model", "feature_model", "backbone", "dino_model"),
     "regularisation": ("regularisation", "regularization", "smoothness", "lambda_reg", "alpha"),
     "iterations": ("iterations", "adam_iterations", "instance_iterations", "iters"),
+    "inverseConsistent": ("inverse_consistent",),
 }
 
 

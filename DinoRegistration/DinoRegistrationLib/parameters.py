@@ -55,6 +55,7 @@ class DinoRegistrationParameterNode:
     regularisation: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
     iterations: Annotated[int, WithinRange(0, 10000)] = 0
     affineStage: bool = True
+    inverseConsistent: bool = False
     outputVolume: Union[vtkMRMLScalarVolumeNode, None]
     outputTransform: Union[vtkMRMLTransformNode, None]
     computeInverse: bool = True

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -28,12 +30,14 @@ from dinoreg.features.dino.params import DEFAULT_PARAMS as DINO_DEFAULTS
 from dinoreg.features.mind import mind_ssc
 from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result,
                                   prepare_working_pair, register_method)
-from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam
+from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam, make_inverse_consistent
 from dinoreg.optim.refine import STAGE_REFINE, RefineSettings, fine_spacing_for_budget, refine
 
 STAGE_RESAMPLE = "resampling"
 STAGE_FEATURES = "features"
 STAGE_OUTPUT = "output field"
+#: planned only (never started): the reverse direction's search, Adam and refinement under ``inverse_consistent``
+STAGE_REVERSE = "reverse direction"
 
 # Every parameter shared by the three methods. Defaults were tuned for speed and accuracy on a
 # 2-core CPU with inter-subject brain MR pairs (T1-like images synthesised from SynthSeg label
@@ -51,7 +55,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "search_radius": 4,                 # candidates per side and axis, in steps: capture range radius * step voxels
     "search_step": 2,                   # spacing of the candidate displacements
     "cost_smoothing_passes": 1,
-    "inverse_consistent": False,        # the backward search + symmetrisation: same Dice on real brains, 2x the search time
+    "inverse_consistent": False,        # both directions (search, Adam, refinement), then symmetrised: registering
+                                        # the pair the other way gives the inverse transform; ~2x those stages' time
     # Adam instance optimisation
     "adam_level": 2,                    # the optimised field lives on every 2nd working voxel
     "adam_iterations": 20,              # with the decaying step, 30 or 40 gave the same Dice and smoothness on real brains
@@ -117,9 +122,15 @@ class ZeroShotMethod(Method):
         raise NotImplementedError
 
     def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
+        """Both directions when ``inverse_consistent`` (see :meth:`symmetrised`), else fixed -> moving only."""
         params = self.parameters(overrides=problem.params)
         progress = problem.progress
         settings = ConvexAdamSettings.from_params(params)
+        both_ways = settings.inverse_consistent
+        if both_ways:  # the whole dense pipeline is symmetrised below: the search needs no symmetrisation of its own
+            settings = dataclasses.replace(settings, inverse_consistent=False)
+            progress.plan({**progress.weights, STAGE_REVERSE: sum(progress.weights.get(name, 0.0)
+                                                                  for name in (STAGE_SEARCH, STAGE_ADAM, STAGE_REFINE))})
         spacing_mm = float(params["working_spacing_mm"])
         if spacing_mm < 0:
             raise InputError(f"working_spacing_mm must be >= 0 (got {spacing_mm}): e.g. working_spacing_mm=2")
@@ -136,17 +147,31 @@ class ZeroShotMethod(Method):
             progress.stage(STAGE_FEATURES)
             fixed_features, moving_features = self.features(pair, fixed, moving, foreground, params, problem)
             del fixed, moving
-        displacement = convex_adam(fixed_features, moving_features, settings, spacing=pair.grid.spacing,
-                                   mask=foreground, progress=progress, moving_mask=moving_foreground)
+        fields = [convex_adam(fixed_features, moving_features, settings, spacing=pair.grid.spacing, mask=foreground,
+                              progress=progress, moving_mask=moving_foreground)]
+        if both_ways:  # moving -> fixed on the same working grid: the roles of the two images swapped
+            fields.append(convex_adam(moving_features, fixed_features, settings, spacing=pair.grid.spacing,
+                                      mask=moving_foreground, progress=progress, moving_mask=foreground))
         del fixed_features, moving_features
-        displacement, pair = self.refine_stage(problem, initial, params, displacement, pair)
+        fields, pair = self.refine_stage(problem, initial, params, fields, pair)
+        displacement = self.symmetrised(*fields, settings.inverse_iterations) if both_ways else fields[0]
         progress.stage(STAGE_OUTPUT)
         return dense_result(displacement, pair, problem, initial)
 
+    @staticmethod
+    def symmetrised(forward: torch.Tensor, backward: torch.Tensor, iterations: int) -> torch.Tensor:
+        """The inverse-consistent field from the two directions' fields ``(1, 3, K, J, I)`` (voxels of one grid:
+        the fixed image's working grid, moving pre-aligned): ConvexAdam's symmetrisation, ``f <- (f - b o (id + f))
+        / 2`` and the same for ``b``, repeated. Swapping the images swaps ``f`` and ``b``, so the reverse
+        registration returns (to within the symmetrisation's residual) the inverse of this one."""
+        with torch.no_grad():
+            return make_inverse_consistent(forward, backward, iterations)[0]
+
     def refine_stage(self, problem: RegistrationProblem, initial: Transform, params: dict[str, Any],
-                     displacement: torch.Tensor, pair: WorkingPair) -> tuple[torch.Tensor, WorkingPair]:
-        """The fine refinement (``optim/refine.py``) on a grid of ``refine_spacing_mm`` (coarsened to
-        fit ``refine_memory_mb``) when that grid is finer than ConvexAdam's Adam lattice; otherwise the inputs."""
+                     fields: list[torch.Tensor], pair: WorkingPair) -> tuple[list[torch.Tensor], WorkingPair]:
+        """The fine refinement (``optim/refine.py``) of ``fields`` (fixed -> moving, then, if given, moving ->
+        fixed: the roles of the images swapped) on a grid of ``refine_spacing_mm`` (coarsened to fit
+        ``refine_memory_mb``) when that grid is finer than ConvexAdam's Adam lattice; otherwise the inputs."""
         settings = RefineSettings(
             iterations=int(params["refine_iterations"]), learning_rate=float(params["refine_learning_rate"]),
             similarity=str(params["refine_similarity"]), ncc_radius=int(params["refine_ncc_radius"]),
@@ -156,12 +181,12 @@ class ZeroShotMethod(Method):
         settings.validate()
         requested = float(params["refine_spacing_mm"])
         if requested <= 0 or settings.iterations == 0:
-            return displacement, pair
+            return fields, pair
         fixed_grid = problem.fixed.grid
         spacing_mm = fine_spacing_for_budget(requested, fixed_grid.spacing, fixed_grid.size, settings.memory_mb)
         # the ConvexAdam field lives on every adam_level-th working voxel: refine only finer than that
         if spacing_mm >= 0.99 * float(min(pair.grid.spacing)) * int(params["adam_level"]):
-            return displacement, pair
+            return fields, pair
         problem.progress.stage(STAGE_REFINE)
         with torch.no_grad():
             fine = prepare_working_pair(problem, initial, spacing_mm)
@@ -169,15 +194,21 @@ class ZeroShotMethod(Method):
             fixed_region, moving_region = normalisation_masks(fine)
             fixed = robust_normalise(fine.fixed, fixed_region, low, high)
             moving = robust_normalise(fine.moving, moving_region, low, high)
-            foreground = foreground_region(fine.fixed, fine.fixed_mask, fine.grid.spacing,
-                                           float(params["foreground_margin_mm"]))
+            margin_mm = float(params["foreground_margin_mm"])
+            foreground = foreground_region(fine.fixed, fine.fixed_mask, fine.grid.spacing, margin_mm)
             if settings.similarity == "mind":
                 fixed, moving = normalise_group(*mind_pair(fixed, moving, fine, params), foreground)
             # the working grid and the fine grid cover the same box with the same corner voxels
-            start = geometry.to_ijk_channels(geometry.resize_field(geometry.from_ijk_channels(displacement),
-                                                                   fine.fixed.shape[2:]))
-        refined = refine(fixed, moving, start, settings, fine.grid.spacing, foreground, problem.progress)
-        return refined.detach(), fine
+            starts = [geometry.to_ijk_channels(geometry.resize_field(geometry.from_ijk_channels(field), fine.fixed.shape[2:]))
+                      for field in fields]
+        refined = [refine(fixed, moving, starts[0], settings, fine.grid.spacing, foreground, problem.progress).detach()]
+        if len(starts) == 2:
+            with torch.no_grad():
+                moving_foreground = foreground_region(fine.moving, fine.moving_mask, fine.grid.spacing, margin_mm)
+            problem.progress.stage(STAGE_REFINE)
+            refined.append(refine(moving, fixed, starts[1], settings, fine.grid.spacing, moving_foreground,
+                                  problem.progress).detach())
+        return refined, fine
 
 
 def normalisation_masks(pair: WorkingPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
