@@ -62,7 +62,7 @@ ANCHOR_NOTES = {
     "elastix": "itk-elastix default affine + B-spline maps, centre-of-gravity init",
     "sitk-affine": "SimpleITK moments init + Mattes MI affine, 3 levels, regular-step gradient descent",
     "sitk-demons": "sitk-affine, then fast symmetric-forces demons, 3 levels x 50 it.",
-    "fireants": "FireANTs moments (2nd order) -> affine -> greedy (its OASIS example settings); on CPU scales 4, 2 only",
+    "fireants": "FireANTs moments (2nd order) -> affine -> greedy (its OASIS example settings); greedy down to 1 mm, affine to 2 mm",
 }
 
 

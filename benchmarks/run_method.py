@@ -175,18 +175,23 @@ def run_fireants(fixed: str, moving: str, out: str, device: str) -> dict[str, An
     device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
     fixed_image = BatchedImages([Image.load_file(fixed, device=device)])
     moving_image = BatchedImages([Image.load_file(moving, device=device)])
-    # Its OASIS example's levels everywhere, down to the image's own resolution (the anchor must be
-    # FireANTs as published: issue 17). On a 2-core CPU that is slow (the full-resolution level
-    # dominates); DINOREG_FIREANTS_SCALES (e.g. "4,2") leaves levels out for quick looks only.
+    # The deformable stage runs its OASIS example's levels down to the image's own resolution (the
+    # anchor must be FireANTs as published: issue 17); slow on a 2-core CPU (the 1 mm level is about
+    # 17 s per iteration under load). The affine stage stops at half resolution: run down to 1 mm
+    # (50 iterations) it drifted on oasis<-mne (2026-12-03: local CC at 4x went from -0.911 to -0.841,
+    # final Dice 0.416 instead of 0.654); FireANTs' own template config gives that level only 25
+    # iterations. DINOREG_FIREANTS_SCALES (e.g. "4,2") leaves deformable levels out for quick looks only.
     scales, iterations = [4, 2, 1], [200, 100, 50]
     if os.environ.get("DINOREG_FIREANTS_SCALES"):
         scales = [int(x) for x in os.environ["DINOREG_FIREANTS_SCALES"].split(",")]
         iterations = [{4: 200, 2: 100, 1: 50}.get(x, 100) for x in scales]
+    affine_scales = [x for x in scales if x >= 2] or scales
+    affine_iterations = [{4: 200, 2: 100, 1: 50}.get(x, 100) for x in affine_scales]
     started = time.perf_counter()
     moments = MomentsRegistration(4, fixed_image, moving_image, moments=2, orientation="rot", transl_mode="com",
                                   loss_type="cc")
     moments.optimize()
-    affine = AffineRegistration(scales, iterations, fixed_image, moving_image, loss_type="cc",
+    affine = AffineRegistration(affine_scales, affine_iterations, fixed_image, moving_image, loss_type="cc",
                                 optimizer="Adam", optimizer_lr=3e-3, init_rigid=moments.get_affine_init())
     affine.optimize()
     deformable = GreedyRegistration(scales, iterations, fixed_image, moving_image, loss_type="cc",
