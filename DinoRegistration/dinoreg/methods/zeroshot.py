@@ -174,8 +174,7 @@ class ZeroShotMethod(Method):
             if settings.similarity == "mind":
                 fixed, moving = normalise_group(*mind_pair(fixed, moving, fine, params), foreground)
             # the working grid and the fine grid cover the same box with the same corner voxels
-            start = geometry.to_ijk_channels(geometry.resize_field(geometry.from_ijk_channels(displacement),
-                                                                   fine.fixed.shape[2:]))
+            start = geometry.resize_field(displacement, fine.fixed.shape[2:])
         refined = refine(fixed, moving, start, settings, fine.grid.spacing, foreground, problem.progress)
         return refined.detach(), fine
 
