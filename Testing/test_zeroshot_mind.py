@@ -109,11 +109,11 @@ def test_robust_normalise_to_unit_range():
 
 # ------------------------------------------------------------------------------ convex search
 
-def shifted_pair(shift_ijk=(4.0, -2.0, 2.0), seed=5):
-    """Fixed blobs and a moving copy with ``moving(x + t) = fixed(x)``: the true field is t."""
+def shifted_pair(shift_kji=(2.0, -2.0, 4.0), seed=5):
+    """Fixed blobs and a moving copy with ``moving(x + t) = fixed(x)``: the true field is t (voxels, (dk, dj, di))."""
     fixed = blobs(shape=(40, 40, 40), seed=seed, count=30)
-    t = torch.tensor(shift_ijk).view(1, 3, 1, 1, 1).expand(1, 3, 40, 40, 40)
-    moving = geometry.warp(fixed, geometry.from_ijk_channels(-t))
+    t = torch.tensor(shift_kji).view(1, 3, 1, 1, 1).expand(1, 3, 40, 40, 40)
+    moving = geometry.warp(fixed, -t)
     return fixed, moving, t
 
 
@@ -133,9 +133,8 @@ def two_motion_pair(shape=(32, 32, 48)):
     fixed = blobs(shape=shape, seed=11, count=60)
     i = torch.arange(shape[2], dtype=torch.float32)
     shift = torch.where(i < 24, torch.tensor(2.0), torch.tensor(-4.0)).view(1, 1, 1, -1).expand(1, *shape)
-    field = \
-        torch.stack([shift[0], torch.zeros(shape), torch.zeros(shape)]).unsqueeze(0)
-    moving = geometry.warp(fixed, geometry.from_ijk_channels(-field))
+    field = torch.stack([torch.zeros(shape), torch.zeros(shape), shift[0]]).unsqueeze(0)  # (dk, dj, di)
+    moving = geometry.warp(fixed, -field)
     mask = torch.zeros(1, 1, *shape)
     mask[..., :20] = 1.0
     return fixed, moving, mask
@@ -150,10 +149,10 @@ def test_convex_search_follows_the_mask():
     unmasked = convex_search(f, m, settings)
     masked = convex_search(f, m, settings, mask=mask, moving_mask=mask)
     left, right = (..., slice(8, 24), slice(8, 24), slice(4, 16)), (..., slice(8, 24), slice(8, 24), slice(34, 44))
-    assert float(unmasked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
-    assert float(unmasked[:, 0][right].median()) < -3.0  # without a mask, the right half's motion is found
-    assert float(masked[:, 0][left].median()) == pytest.approx(2.0, abs=0.5)
-    assert float(masked[:, 0][right].median()) > -1.0, float(masked[:, 0][right].median())
+    assert float(unmasked[:, 2][left].median()) == pytest.approx(2.0, abs=0.5)  # channel 2: di
+    assert float(unmasked[:, 2][right].median()) < -3.0  # without a mask, the right half's motion is found
+    assert float(masked[:, 2][left].median()) == pytest.approx(2.0, abs=0.5)
+    assert float(masked[:, 2][right].median()) > -1.0, float(masked[:, 2][right].median())
 
 
 def test_mind_zeroshot_passes_the_masks_to_the_search():
@@ -196,7 +195,7 @@ def test_inverse_consistency_makes_forward_and_backward_compose_to_identity():
     backward = smooth_random_field(shape, 1.5, seed=2)  # unrelated: far from the inverse
 
     def residual(f, b):
-        return float(geometry.compose(geometry.from_ijk_channels(f), geometry.from_ijk_channels(b)).norm(dim=1).mean())
+        return float(geometry.compose(f, b).norm(dim=1).mean())
 
     before = residual(forward, backward)
     f, b = make_inverse_consistent(forward, backward, iterations=15)
@@ -233,8 +232,8 @@ def test_convex_adam_on_an_anisotropic_grid():
     """3 mm slices, 1 mm in-plane: offsets and steps adapt per axis; a translation is still recovered."""
     shape = (16, 40, 40)
     fixed = blobs(shape=shape, seed=8, count=30)
-    truth = torch.tensor([4.0, -2.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)  # (di, dj, dk) voxels
-    moving = geometry.warp(fixed, geometry.from_ijk_channels(-truth))
+    truth = torch.tensor([1.0, -2.0, 4.0]).view(1, 3, 1, 1, 1).expand(1, 3, *shape)  # (dk, dj, di) voxels
+    moving = geometry.warp(fixed, -truth)
     spacing = (1.0, 1.0, 3.0)  # (si, sj, sk) mm
     f, m = mind_ssc(fixed, spacing=spacing), mind_ssc(moving, spacing=spacing)
     settings = ConvexAdamSettings(grid_spacing=4, search_step=2, search_radius=3, adam_iterations=20)
@@ -344,9 +343,9 @@ def deformed_brain(brain_scan_2mm):
 
     # moving(y) = fixed(y + v(y)); the field the registration should find is u = v^-1 (fixed -> moving)
     v = smooth_random_field(tuple(image.shape[2:]), 1.6, seed=3)
-    moving = geometry.warp(image, geometry.from_ijk_channels(v))
-    moving_labels = geometry.warp(labels, geometry.from_ijk_channels(v), mode="nearest")
-    truth = geometry.to_ijk_channels(geometry.invert(geometry.from_ijk_channels(v), iterations=20)[0])
+    moving = geometry.warp(image, v)
+    moving_labels = geometry.warp(labels, v, mode="nearest")
+    truth = geometry.invert(v, iterations=20)[0]
 
     moving_volume = fixed_volume.with_array(moving[0, 0].numpy())
     method = zeroshot.MindZeroShot()
@@ -395,15 +394,15 @@ def test_sample_table_matches_grid_sample_values_gradients_and_border():
     for shape in [(5, 6, 7), (1, 6, 7)]:
         volume = torch.randn(1, 4, *shape, generator=generator, dtype=torch.float64)
         depth, height, width = shape
-        extent = torch.tensor([width - 1, height - 1, depth - 1], dtype=torch.float64)
+        extent = torch.tensor([depth - 1, height - 1, width - 1], dtype=torch.float64)  # positions are (k, j, i)
         positions = (torch.rand(500, 3, generator=generator, dtype=torch.float64) * 1.6 - 0.3) * extent
-        positions[:3] = torch.tensor([[0.0, 0.0, 0.0], [width - 1.0, height - 1.0, depth - 1.0], [-2.0, 9.0, 0.5]])
+        positions[:3] = torch.tensor([[0.0, 0.0, 0.0], [depth - 1.0, height - 1.0, width - 1.0], [0.5, 9.0, -2.0]])
         ours_positions = positions.clone().requires_grad_(True)
         ours = sample_table(channels_last_table(volume), shape, ours_positions)
         (ours * torch.arange(1, 5, dtype=torch.float64)).sum().backward()
         theirs_positions = positions.clone().requires_grad_(True)
         scale = 2.0 / torch.clamp(extent, min=1.0)
-        grid = (theirs_positions * scale - 1.0).view(1, 1, 1, -1, 3)
+        grid = (theirs_positions * scale - 1.0).flip(-1).view(1, 1, 1, -1, 3)  # grid_sample wants (x=i, y=j, z=k)
         theirs = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True).view(4, -1).t()
         (theirs * torch.arange(1, 5, dtype=torch.float64)).sum().backward()
         assert torch.allclose(ours, theirs, atol=1e-12)

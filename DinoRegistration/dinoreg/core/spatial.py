@@ -5,9 +5,12 @@ Operations on voxel displacement fields themselves (warp, compose, scaling and s
 Jacobian, penalties) live in ``geometry/``, their single home.
 
 Two unit systems appear here:
-- physical LPS millimetres (used by ``transforms.py`` and every exported file);
-- voxel displacements of one grid, stored as tensors ``(N, 3, K, J, I)`` whose channels are
-  ``(di, dj, dk)`` in voxels (the order grid_sample wants in its last dimension: x=i, y=j, z=k).
+- physical LPS millimetres (used by ``transforms.py`` and every exported file): components
+  (dx, dy, dz), ITK's order;
+- voxel displacements of one grid, tensors ``(N, 3, K, J, I)`` in voxels with the engine's one
+  channel convention (see ``geometry``: channel c along tensor axis c + 2, i.e. (dk, dj, di)).
+:func:`voxel_displacement_to_physical` and :func:`physical_displacement_to_voxel` are the only
+place where voxel channels meet the (x, y, z) order of physical space.
 
 grid_sample with ``align_corners=True`` maps normalised -1 to the centre of voxel 0 and +1 to the
 centre of voxel N-1, so one voxel is 2/(N-1) normalised units.
@@ -36,19 +39,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def voxel_displacement_to_physical(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Voxel displacement ``(N, 3, K, J, I)`` (di, dj, dk) to LPS mm ``(N, 3, K, J, I)`` (dx, dy, dz).
+    """Voxel displacement ``(N, 3, K, J, I)`` of ``grid`` (channels (dk, dj, di), the ``geometry``
+    convention) to LPS mm ``(N, 3, K, J, I)`` (channels dx, dy, dz).
 
-    Physical = Direction @ diag(spacing) @ (di, dj, dk).
+    Physical = Direction @ diag(spacing) @ (di, dj, dk): the matrix's columns are in (i, j, k)
+    order, so the channels are reversed to (di, dj, dk) here, the one place where that order appears.
     """
     matrix = torch.as_tensor(grid.direction @ np.diag(grid.spacing), dtype=displacement.dtype, device=displacement.device)
-    return torch.einsum("rc,nc...->nr...", matrix, displacement)
+    return torch.einsum("rc,nc...->nr...", matrix, displacement.flip(1))
 
 
 def physical_displacement_to_voxel(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Inverse of :func:`voxel_displacement_to_physical`."""
+    """Inverse of :func:`voxel_displacement_to_physical`: LPS mm ``(N, 3, K, J, I)`` (dx, dy, dz) to
+    voxels of ``grid`` with channels (dk, dj, di)."""
     matrix = torch.as_tensor(np.linalg.inv(grid.direction @ np.diag(grid.spacing)), dtype=displacement.dtype,
                              device=displacement.device)
-    return torch.einsum("rc,nc...->nr...", matrix, displacement)
+    return torch.einsum("rc,nc...->nr...", matrix, displacement).flip(1)  # rows (di, dj, dk) -> (dk, dj, di)
 
 
 def grid_points(grid: Grid, k_range: tuple[int, int] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -72,7 +72,7 @@ class DenseField:
 
     @staticmethod
     def from_voxel_displacement(displacement: torch.Tensor, grid: Grid) -> "DenseField":
-        """From a voxel-unit tensor ``(1, 3, K, J, I)`` (di, dj, dk) of ``grid``."""
+        """From a voxel displacement ``(1, 3, K, J, I)`` of ``grid`` (channels as in ``geometry``: (dk, dj, di))."""
         physical = spatial.voxel_displacement_to_physical(displacement.detach().float(), grid)
         return DenseField(physical[0].permute(1, 2, 3, 0).cpu().numpy(), grid)
 
@@ -115,8 +115,7 @@ class DenseField:
             factor = (np.prod(self.grid.size) / max_voxels) ** (1.0 / 3.0)
             work_grid = self.grid.with_spacing(self.grid.spacing * factor)
         field_on_work_grid = self.resampled_to(work_grid)
-        voxel = spatial.physical_displacement_to_voxel(field_on_work_grid.as_tensor(), work_grid)
-        field = geometry.from_ijk_channels(voxel)
+        field = spatial.physical_displacement_to_voxel(field_on_work_grid.as_tensor(), work_grid)
 
         def p99(residual: torch.Tensor) -> float:
             return float(torch.quantile(residual.flatten()[:: max(1, residual.numel() // 1_000_000)], 0.99))
@@ -124,7 +123,7 @@ class DenseField:
         inverse, residual = geometry.invert(field, min(first_iterations, iterations), tolerance_voxels)
         if p99(residual) > tolerance_voxels and iterations > first_iterations:
             inverse, residual = geometry.invert(field, iterations, tolerance_voxels)
-        result = DenseField.from_voxel_displacement(geometry.to_ijk_channels(inverse), work_grid).resampled_to(self.grid)
+        result = DenseField.from_voxel_displacement(inverse, work_grid).resampled_to(self.grid)
         return result, p99(residual)
 
 

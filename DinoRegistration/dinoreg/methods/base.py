@@ -185,7 +185,7 @@ def prepare_working_pair(problem: RegistrationProblem, initial: Transform, spaci
 
 def dense_result(voxel_displacement: torch.Tensor, pair: WorkingPair, problem: RegistrationProblem,
                  initial: Transform) -> Transform:
-    """Full transform from a voxel displacement ``(1, 3, K, J, I)`` (di, dj, dk) on the working grid.
+    """Full transform from a voxel displacement ``(1, 3, K, J, I)`` on the working grid (channels as in ``geometry``).
 
     The field is converted to LPS mm and KEPT on the working grid (it is smooth at that scale;
     ITK, Slicer and our engine interpolate it wherever they need it), then put before

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinoreg.core.geometry import diffusion_penalty, from_ijk_channels, to_ijk_channels, warp
+from dinoreg.core.geometry import diffusion_penalty, warp
 from dinoreg.core.spatial import (grid_points, physical_displacement_to_voxel, sample_at_points,
                                   voxel_displacement_to_physical)
 from dinoreg.core.transforms import Transform, warp_volume
@@ -132,7 +132,7 @@ class LearnedMethod(Method):
             displacement = optimise_network_field(fixed, moving, displacement, pair, params, progress)
         progress.stage(STAGE_OUTPUT)
 
-        return dense_result(to_ijk_channels(displacement), pair, problem, initial)
+        return dense_result(displacement, pair, problem, initial)
 
 
 def dino_model_of(card: dict[str, Any]) -> str | None:
@@ -221,9 +221,9 @@ def antialiased(volume: Volume, target_spacing_mm: Any) -> Volume:
 def field_on_grid(displacement: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
     """A voxel displacement ``(1, 3, D, H, W)`` on ``source`` (channel k along axis k + 2) resampled
     (trilinear, in LPS mm) onto ``target`` and expressed in ``target``'s voxels; 0 outside ``source``."""
-    physical = voxel_displacement_to_physical(to_ijk_channels(displacement), source)
+    physical = voxel_displacement_to_physical(displacement, source)
     sampled = sample_at_points(physical, source, grid_points(target, device=displacement.device))
-    return from_ijk_channels(physical_displacement_to_voxel(sampled, target))
+    return physical_displacement_to_voxel(sampled, target)
 
 
 def normalise(image: torch.Tensor, mask: torch.Tensor | None, preprocessing: dict[str, Any]) -> torch.Tensor:
@@ -261,9 +261,7 @@ def optimise_network_field(fixed: torch.Tensor, moving: torch.Tensor, displaceme
                                       adam_learning_rate=float(params["io_learning_rate"]),
                                       regularisation=float(params["io_regularisation"]), smoothing_passes=1,
                                       diffeomorphic=False, search_radius=0)
-        refined = adam_stage(fixed_mind, moving_mind, to_ijk_channels(displacement), settings, pair.grid.spacing,
-                             region, progress)
-        return from_ijk_channels(refined)
+        return adam_stage(fixed_mind, moving_mind, displacement, settings, pair.grid.spacing, region, progress)
     if similarity == "lncc":
         return lncc_optimisation(fixed, moving, displacement, params, progress)
     raise InputError(f"io_similarity must be 'mind' or 'lncc' (got {similarity!r}): e.g. --param io_similarity=mind")

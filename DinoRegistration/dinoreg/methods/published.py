@@ -34,7 +34,6 @@ from dinoreg.errors import InputError
 from dinoreg.core.transforms import AffineMap, DenseField, Transform, warp_volume
 from dinoreg.core.volume import Grid
 from dinoreg.methods.base import Availability, Method, RegistrationProblem, register_method
-from dinoreg.core.geometry import to_ijk_channels
 from dinoreg.networks import gradicon
 from dinoreg.store.cards import published_summary
 from dinoreg.networks.loading import load_published
@@ -118,7 +117,7 @@ def field_transform(displacement: torch.Tensor, fixed_grid: Grid, moving_grid: G
     ``(1, 3, D, H, W)`` (network voxels, channel c along tensor axis c + 2)."""
     shape = tuple(displacement.shape[2:])
     fixed_net, moving_net = network_grid(fixed_grid, shape), network_grid(moving_grid, shape)
-    dense = DenseField.from_voxel_displacement(to_ijk_channels(displacement), fixed_net)
+    dense = DenseField.from_voxel_displacement(displacement, fixed_net)
     between = moving_net.index_to_physical @ fixed_net.physical_to_index
     steps: list = [dense]
     if not np.allclose(between, np.eye(4), atol=1e-9):

@@ -199,8 +199,7 @@ class ZeroShotMethod(Method):
             if settings.similarity == "mind":
                 fixed, moving = normalise_group(*mind_pair(fixed, moving, fine, params), foreground)
             # the working grid and the fine grid cover the same box with the same corner voxels
-            starts = [geometry.to_ijk_channels(geometry.resize_field(geometry.from_ijk_channels(field), fine.fixed.shape[2:]))
-                      for field in fields]
+            starts = [geometry.resize_field(field, fine.fixed.shape[2:]) for field in fields]
         refined = [refine(fixed, moving, starts[0], settings, fine.grid.spacing, foreground, problem.progress).detach()]
         if len(starts) == 2:
             with torch.no_grad():

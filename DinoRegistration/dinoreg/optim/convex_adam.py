@@ -6,9 +6,10 @@ for Learn2Reg 2021" (MICCAI 2021 challenge) and "ConvexAdam: self-configuring du
 library offers it.
 
 Input: fixed and moving feature volumes ``(1, C, K, J, I)`` on one working grid (any features:
-MIND-SSC, DINO, both). Output: a voxel displacement ``u`` ``(1, 3, K, J, I)`` on that grid, channels
-(di, dj, dk) in working-grid voxels (the grid_sample order x=i, y=j, z=k), such that
-``moving(x + u(x))`` matches ``fixed(x)``: it maps FIXED voxels to MOVING voxels.
+MIND-SSC, DINO, both). Output: a voxel displacement ``u`` ``(1, 3, K, J, I)`` on that grid in
+working-grid voxels, channels as in ``geometry`` (channel c along tensor axis c + 2), such that
+``moving(x + u(x))`` (``geometry.warp(moving, u)``) matches ``fixed(x)``: it maps FIXED voxels to
+MOVING voxels.
 
 Stage 1, convex search (no gradients): features are averaged over blocks of ``grid_spacing`` voxels,
 one block per control point. For every control point and every candidate displacement of a
@@ -30,6 +31,9 @@ rate decays (cosine) so the last steps settle. The result is interpolated back t
 Field operations (warp, scaling and squaring, diffusion gradient) come from ``geometry/``.
 
 All displacements inside this module are in working-grid voxels unless a name says otherwise.
+Displacement channels, per-axis tuples and position columns are in (k, j, i) (tensor axis) order;
+the exceptions are ``spacing`` arguments, (si, sj, sk) mm as ``Grid.spacing``, and the grid_sample
+coordinates built in :func:`resample_lattice`.
 """
 
 from __future__ import annotations
@@ -162,7 +166,7 @@ def resample_lattice(field: torch.Tensor, src_step: Sequence[float], src_offset:
         index = (position - s_off) / s_step
         axes.append(2.0 * index / (n_src - 1) - 1.0 if n_src > 1 else torch.zeros_like(index))
     k, j, i = torch.meshgrid(*axes, indexing="ij")
-    grid = torch.stack([i, j, k], dim=-1).unsqueeze(0)
+    grid = torch.stack([i, j, k], dim=-1).unsqueeze(0)  # grid_sample's (x=I, y=J, z=K) positions
     return geometry.grid_sample_3d(field, grid.to(field.dtype), "bilinear", "border")
 
 
@@ -173,10 +177,9 @@ def _box3(volume: torch.Tensor, passes: int) -> torch.Tensor:
     return volume
 
 
-def _channels_ijk(per_axis_kji: Sequence[float], device: torch.device) -> torch.Tensor:
-    """A (k, j, i) per-axis tuple as a ``(1, 3, 1, 1, 1)`` tensor in channel order (i, j, k)."""
-    return torch.tensor([per_axis_kji[2], per_axis_kji[1], per_axis_kji[0]], dtype=torch.float32,
-                        device=device).view(1, 3, 1, 1, 1)
+def _per_channel(per_axis: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A (k, j, i) per-axis tuple as a ``(1, 3, 1, 1, 1)`` tensor, one value per displacement channel."""
+    return torch.tensor([float(x) for x in per_axis], dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
 
 
 #: cost added per squared candidate length (in steps; costs have mean 1), to break ties towards zero
@@ -288,7 +291,7 @@ def coupled_convex(cost: torch.Tensor, geometry: SearchGeometry, coupling_weight
 
     Alternates a point-wise argmin of ``cost + weight * |d - smooth_field|^2`` (d in steps) and a
     3x3x3 smoothing of the chosen displacements, for each weight in ``coupling_weights``.
-    Returned channels are (di, dj, dk) in working voxels. Control points are taken
+    Returned in working voxels (channels (dk, dj, di), as ``geometry``). Control points are taken
     ``points_per_chunk`` at a time: a (candidates x points) block that stays in the CPU cache
     (256 points ran 2.8x faster than 16384 on a 729-candidate search).
     """
@@ -313,8 +316,7 @@ def coupled_convex(cost: torch.Tensor, geometry: SearchGeometry, coupling_weight
                                   alpha=-2.0 * weight)
             choice[p0:p1] = coupled.argmin(dim=0)
         soft = field_of(choice)
-    steps_kji = soft * torch.tensor(geometry.step, dtype=torch.float32, device=cost.device).view(1, 3, 1, 1, 1)
-    return steps_kji.flip(1)  # (k, j, i) -> (i, j, k) channel order
+    return soft * torch.tensor(geometry.step, dtype=torch.float32, device=cost.device).view(1, 3, 1, 1, 1)
 
 
 def make_inverse_consistent(forward: torch.Tensor, backward: torch.Tensor,
@@ -326,17 +328,15 @@ def make_inverse_consistent(forward: torch.Tensor, backward: torch.Tensor,
     """
     for _ in range(iterations):
         f_old, b_old = forward, backward
-        # geometry.warp wants the displacement in its (dk, dj, di) channel order; the warped
-        # fields keep theirs
-        forward = 0.5 * (f_old - geometry.warp(b_old, geometry.from_ijk_channels(f_old)))
-        backward = 0.5 * (b_old - geometry.warp(f_old, geometry.from_ijk_channels(b_old)))
+        forward = 0.5 * (f_old - geometry.warp(b_old, f_old))
+        backward = 0.5 * (b_old - geometry.warp(f_old, b_old))
     return forward, backward
 
 
 def convex_search(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings,
                   spacing: Sequence[float] | None = None, progress: Progress | None = None,
                   mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Stage 1 on its own: voxel displacement ``(1, 3, K, J, I)`` on the working grid (di, dj, dk).
+    """Stage 1 on its own: voxel displacement ``(1, 3, K, J, I)`` on the working grid.
 
     ``mask`` / ``moving_mask``: where the fixed / moving image's content drives the forward /
     backward search (see :func:`search_cost_volume`); None = everywhere.
@@ -373,7 +373,7 @@ def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: 
                                   progress, (0.45, 0.9), moving_mask)
         backward = coupled_convex(cost, geometry, settings.coupling_weights)
         del cost
-        to_control = _channels_ijk(geometry.grid_spacing, fixed.device)
+        to_control = _per_channel(geometry.grid_spacing, fixed.device)
         forward, _ = make_inverse_consistent(forward / to_control, backward / to_control, settings.inverse_iterations)
         if progress is not None:
             progress.update(1.0)
@@ -387,15 +387,15 @@ def _convex_search_control(fixed: torch.Tensor, moving: torch.Tensor, settings: 
 def diffusion_sum_gradient(displacement: torch.Tensor, voxel_mm: Sequence[float]) -> torch.Tensor:
     """Gradient of the diffusion energy SUMMED over lattice cells (mm per mm, dimensionless).
 
-    ``displacement (1, 3, K, J, I)`` channels (di, dj, dk) in lattice voxels of ``voxel_mm``
-    (k, j, i). A sum over cells, like the data term of :func:`instance_optimisation` (a sum over
-    the masked cells), so their ratio, hence the effective regularisation, does not depend on how
-    much background the field of view holds. From ``geometry.diffusion_gradient`` (a mean over
-    the 3 channels and the cells): times 3 x cells (exact up to the (n-1)/n of each axis).
+    ``displacement (1, 3, K, J, I)`` in lattice voxels of ``voxel_mm`` (k, j, i). A sum over cells,
+    like the data term of :func:`instance_optimisation` (a sum over the masked cells), so their ratio,
+    hence the effective regularisation, does not depend on how much background the field of view
+    holds. From ``geometry.diffusion_gradient`` (a mean over the 3 channels and the cells): times
+    3 x cells (exact up to the (n-1)/n of each axis).
     """
-    mean_gradient = geometry.diffusion_gradient(geometry.from_ijk_channels(displacement), voxel_mm)
+    mean_gradient = geometry.diffusion_gradient(displacement, voxel_mm)
     cells = displacement[0, 0].numel()
-    return geometry.to_ijk_channels(mean_gradient) * (3.0 * cells)
+    return mean_gradient * (3.0 * cells)
 
 
 #: Adam's epsilon in the units of the summed loss's gradient (per lattice cell: twice the feature
@@ -436,7 +436,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         fixed_lattice = block_mean(fixed.float(), level)  # type: ignore[arg-type]
         moving_lattice = block_mean(moving.float(), level)  # type: ignore[arg-type]
         lattice_shape = tuple(fixed_lattice.shape[2:])
-        to_lattice = _channels_ijk(level, device)  # type: ignore[arg-type]
+        to_lattice = _per_channel(level, device)  # type: ignore[arg-type]
         start = resample_lattice(initial.float(), (1, 1, 1), (0, 0, 0), lattice_shape, level, offset) / to_lattice
         channels = fixed_lattice.shape[1]
         if mask is not None:
@@ -446,7 +446,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
             points = torch.arange(fixed_lattice[0, 0].numel(), device=device)
         fixed_points = fixed_lattice.reshape(channels, -1)[:, points].t()  # (N, C)
         moving_table = channels_last_table(moving_lattice)
-        base = _lattice_index(lattice_shape, device).reshape(-1, 3)[points]  # (N, 3) lattice voxels (i, j, k)
+        base = _lattice_index(lattice_shape, device).reshape(-1, 3)[points]  # (N, 3) lattice voxels (k, j, i)
     if settings.adam_iterations == 0 or points.numel() == 0:
         return initial
     parameter = start.clone().requires_grad_(True)
@@ -455,8 +455,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
     def field_of(param: torch.Tensor) -> torch.Tensor:
         smooth = _box3(param, settings.smoothing_passes)
         if settings.diffeomorphic:
-            return geometry.to_ijk_channels(geometry.integrate_velocity(geometry.from_ijk_channels(smooth),
-                                                                         settings.integration_steps))
+            return geometry.integrate_velocity(smooth, settings.integration_steps)
         return smooth
 
     for iteration in range(settings.adam_iterations):
@@ -465,7 +464,7 @@ def instance_optimisation(fixed: torch.Tensor, moving: torch.Tensor, initial: to
         displacement = field_of(parameter)
         # data term by autograd up to the displacement; the regulariser's gradient is added directly
         current = displacement.detach().requires_grad_(True)
-        moved = current.reshape(3, -1).t().index_select(0, points)  # (N, 3) lattice voxels
+        moved = current.reshape(3, -1).t().index_select(0, points)  # (N, 3) lattice voxels (k, j, i)
         sampled = sample_table(moving_table, lattice_shape, base + moved)  # type: ignore[arg-type]
         data = F.mse_loss(sampled, fixed_points, reduction="sum")
         data.backward()
@@ -489,7 +488,7 @@ def channels_last_table(volume: torch.Tensor) -> torch.Tensor:
 
 
 def sample_table(table: torch.Tensor, shape: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
-    """Trilinear values ``(N, C)`` of a channels-last volume at ``positions (N, 3)`` (i, j, k) voxels.
+    """Trilinear values ``(N, C)`` of a channels-last volume at ``positions (N, 3)``, voxels, columns (k, j, i).
 
     Same values as ``F.grid_sample(..., align_corners=True, padding_mode="border")`` (positions
     clamped to the volume, zero gradient outside), differentiable with respect to ``positions``
@@ -499,32 +498,32 @@ def sample_table(table: torch.Tensor, shape: Sequence[int], positions: torch.Ten
     real brain pairs' lattice: 70 vs 140 ms per iteration, 2 threads).
     """
     depth, height, width = (int(n) for n in shape)
-    upper = positions.new_tensor([width - 1, height - 1, depth - 1])
+    upper = positions.new_tensor([depth - 1, height - 1, width - 1])
     clamped = torch.minimum(torch.clamp(positions, min=0.0), upper)
     low = torch.minimum(clamped.detach().floor(), torch.clamp(upper - 1.0, min=0.0))  # low + 1 stays inside
     fraction = clamped - low
     low_index = low.to(torch.int64)
-    first = (low_index[:, 2] * height + low_index[:, 1]) * width + low_index[:, 0]
+    first = (low_index[:, 0] * height + low_index[:, 1]) * width + low_index[:, 2]
     step_i, step_j, step_k = int(width > 1), width * int(height > 1), width * height * int(depth > 1)
     offsets = torch.tensor([a * step_k + b * step_j + c * step_i for a in (0, 1) for b in (0, 1) for c in (0, 1)],
                            dtype=torch.int64, device=positions.device)
     corners = table[first.unsqueeze(1) + offsets]  # (N, 8, C), corner order (k, j, i) as the offsets
-    fi, fj, fk = fraction.unbind(1)
+    fk, fj, fi = fraction.unbind(1)
     wk, wj, wi = (torch.stack([1.0 - f, f], dim=1) for f in (fk, fj, fi))
     weights = (wk[:, :, None, None] * wj[:, None, :, None] * wi[:, None, None, :]).reshape(-1, 1, 8)
     return torch.bmm(weights, corners).squeeze(1)
 
 
 def _lattice_index(shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Voxel index of every lattice cell, ``(K, J, I, 3)`` in channel order (i, j, k), float32."""
+    """Voxel index of every lattice cell, ``(K, J, I, 3)``, last axis (k, j, i), float32."""
     k, j, i = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in shape), indexing="ij")
-    return torch.stack([i, j, k], dim=-1)
+    return torch.stack([k, j, i], dim=-1)
 
 
 def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamSettings | None = None,
                 spacing: Sequence[float] | None = None, mask: torch.Tensor | None = None,
                 progress: Progress | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Register feature volumes: returns the voxel displacement ``(1, 3, K, J, I)`` (di, dj, dk).
+    """Register feature volumes: returns the voxel displacement ``(1, 3, K, J, I)`` (channels as in ``geometry``).
 
     Args:
         fixed, moving: ``(1, C, K, J, I)`` float features on the same working grid and device.
@@ -538,7 +537,7 @@ def convex_adam(fixed: torch.Tensor, moving: torch.Tensor, settings: ConvexAdamS
         progress: reports the stages :data:`STAGE_SEARCH` and :data:`STAGE_ADAM` and checks cancel.
 
     The field maps fixed voxels to moving voxels: ``moving`` resampled at ``x + u(x)``
-    (``geometry.warp`` with the channels flipped to its order) matches ``fixed``.
+    (``geometry.warp(moving, u)``) matches ``fixed``.
     """
     settings = settings or ConvexAdamSettings()
     settings.validate()

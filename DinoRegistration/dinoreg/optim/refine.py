@@ -23,9 +23,8 @@ are whole pipelines with their own I/O, not an optimiser over a given field).
 
 Memory: autograd through scaling and squaring keeps about ``BYTES_PER_VOXEL`` bytes per voxel;
 :func:`fine_spacing_for_budget` coarsens the refinement grid until it fits ``memory_mb``.
-Shapes ``(1, C, K, J, I)``; displacements in voxels of the refinement grid, channels in the
-(dk, dj, di) order of ``geometry`` inside this module, (di, dj, dk) at its interface (like
-``convex_adam``).
+Shapes ``(1, C, K, J, I)``; displacements in voxels of the refinement grid, channels as in
+``geometry``.
 """
 
 from __future__ import annotations
@@ -146,7 +145,7 @@ def local_ncc(fixed: torch.Tensor | FixedWindows, moving: torch.Tensor, radius: 
 
 def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, settings: RefineSettings,
            spacing: Sequence[float], mask: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Refine ``initial`` (1, 3, K, J, I) voxels (di, dj, dk), fixed -> moving, on the grid of ``fixed``.
+    """Refine ``initial`` (1, 3, K, J, I) voxels, fixed -> moving, on the grid of ``fixed``.
 
     ``fixed``/``moving``: images ``(1, 1, K, J, I)`` normalised to [0, 1] (``"ncc"``) or feature
     volumes ``(1, C, K, J, I)`` at unit total variance (``"mind"``), on one grid of ``spacing``
@@ -156,7 +155,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, set
     settings.validate()
     if settings.iterations == 0:
         return initial
-    start = geometry.from_ijk_channels(initial.float())
+    start = initial.float()
     voxel_mm = (float(spacing[2]), float(spacing[1]), float(spacing[0]))  # (k, j, i)
     with torch.no_grad():
         warped = geometry.warp(moving.float(), start)  # moving pre-warped by ConvexAdam's field
@@ -189,4 +188,4 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, set
     with torch.no_grad():
         field = displacement_of(velocity)
         total = geometry.compose(field, start)  # x + d(x) + u0(x + d(x))
-    return geometry.to_ijk_channels(total)
+    return total

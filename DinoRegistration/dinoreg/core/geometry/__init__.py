@@ -8,9 +8,16 @@ Conventions (read these once):
 
 - A *displacement field* ``u`` is a tensor ``(N, 3, D, H, W)`` in **voxels** of the grid it is
   sampled on. **Channel k is the displacement along tensor axis k + 2**: channel 0 along D,
-  1 along H, 2 along W. (For an engine ``Grid`` with arrays ``[k, j, i]`` that is (dk, dj, di);
-  ``spatial.py`` and ``methods/base.dense_result`` use the reverse (di, dj, dk) order: convert with
-  :func:`to_ijk_channels` / :func:`from_ijk_channels`, which just flip the channel axis.)
+  1 along H, 2 along W. For an engine ``Grid`` with arrays ``[k, j, i]`` that is (dk, dj, di).
+  This is THE channel convention of every voxel displacement tensor in the engine (ConvexAdam,
+  refinement, networks, ``spatial.py``, ``transforms.DenseField``, ``methods/base.dense_result``);
+  other modules refer here instead of restating it. Other orders exist only at two boundaries:
+  physical displacements (LPS mm, ITK's (x, y, z) components), converted in one place,
+  ``spatial.voxel_displacement_to_physical`` / ``physical_displacement_to_voxel``; and
+  ``F.grid_sample``'s (x=W, y=H, z=D) coordinates, built from a displacement only by
+  ``fields.sampling_grid`` (other samplers build them from positions, not displacements:
+  ``spatial.physical_to_normalised``, ``convex_adam.resample_lattice``, the authors' map-unit
+  sampler in ``networks/gradicon.py``).
   It represents the map ``phi(x) = x + u(x)``; in the registration methods ``x`` is a FIXED voxel
   and ``phi(x)`` the MOVING voxel it corresponds to, so ``warp(moving, u)`` looks like fixed.
 - Positions are voxel indices; ``align_corners=True`` semantics: voxel 0 and voxel n-1 are the
@@ -48,11 +55,11 @@ below are therefore written by hand and kept equal to MONAI's by tests.
 
 from __future__ import annotations
 
-from dinoreg.core.geometry.fields import (compose, from_ijk_channels, identity_grid, integrate_velocity, invert,
-                                          resize_field, to_ijk_channels, upsample_field, warp)
+from dinoreg.core.geometry.fields import (compose, identity_grid, integrate_velocity, invert, resize_field, upsample_field,
+                                          warp)
 from dinoreg.core.geometry.jacobian import jacobian_determinant
 from dinoreg.core.geometry.penalties import bending_energy, diffusion_gradient, diffusion_penalty
 from dinoreg.core.geometry.sampling import grid_sample_3d
 
-__all__ = ["grid_sample_3d", "identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "upsample_field", "to_ijk_channels",
-           "from_ijk_channels", "jacobian_determinant", "diffusion_penalty", "diffusion_gradient", "bending_energy"]
+__all__ = ["grid_sample_3d", "identity_grid", "warp", "compose", "integrate_velocity", "invert", "resize_field", "upsample_field",
+           "jacobian_determinant", "diffusion_penalty", "diffusion_gradient", "bending_energy"]

@@ -21,14 +21,6 @@ def identity_grid(shape: Sequence[int], device: torch.device | str | None = None
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
-def to_ijk_channels(field: torch.Tensor) -> torch.Tensor:
-    """(dD, dH, dW) = (dk, dj, di) channels -> the (di, dj, dk) order of ``spatial.py`` (and back)."""
-    return field.flip(1)
-
-
-from_ijk_channels = to_ijk_channels  # the same flip, named for the other direction
-
-
 def sampling_grid(displacement: torch.Tensor) -> torch.Tensor:
     """grid_sample coordinates of ``x + u(x)``: ``(N, D, H, W, 3)``, last axis (x=W, y=H, z=D), in [-1, 1]
     with ``align_corners=True`` (voxel 0 at -1, voxel n-1 at +1)."""
