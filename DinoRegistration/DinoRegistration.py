@@ -625,7 +625,7 @@ class DinoRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                ("iterations", p.iterations), ("inverseConsistent", p.inverseConsistent)):
             key = methodList.methodParameterKey(method, setting)
             if key and value:
-                params[key] = "true" if value is True else str(value)
+                params[key] = str(value)
         options = JobOptions(method=p.method or "auto", preset=p.preset, device=p.device or "auto",
                                       params=params, affineStage=p.affineStage, computeInverse=p.computeInverse,
                                       computeJacobian=p.computeJacobian, keepAffine=p.keepAffine,

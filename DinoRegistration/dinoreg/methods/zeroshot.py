@@ -137,13 +137,7 @@ class ZeroShotMethod(Method):
         progress.stage(STAGE_RESAMPLE)
         with torch.no_grad():
             pair = prepare_working_pair(problem, initial, spacing_mm)
-            low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
-            fixed_region, moving_region = normalisation_masks(pair)
-            fixed = robust_normalise(pair.fixed, fixed_region, low, high)
-            moving = robust_normalise(pair.moving, moving_region, low, high)
-            margin_mm = float(params["foreground_margin_mm"])
-            foreground = foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, margin_mm)
-            moving_foreground = foreground_region(pair.moving, pair.moving_mask, pair.grid.spacing, margin_mm)
+            fixed, moving, foreground, moving_foreground = normalised_pair(pair, params)
             progress.stage(STAGE_FEATURES)
             fixed_features, moving_features = self.features(pair, fixed, moving, foreground, params, problem)
             del fixed, moving
@@ -190,24 +184,29 @@ class ZeroShotMethod(Method):
         problem.progress.stage(STAGE_REFINE)
         with torch.no_grad():
             fine = prepare_working_pair(problem, initial, spacing_mm)
-            low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
-            fixed_region, moving_region = normalisation_masks(fine)
-            fixed = robust_normalise(fine.fixed, fixed_region, low, high)
-            moving = robust_normalise(fine.moving, moving_region, low, high)
-            margin_mm = float(params["foreground_margin_mm"])
-            foreground = foreground_region(fine.fixed, fine.fixed_mask, fine.grid.spacing, margin_mm)
+            fixed, moving, foreground, moving_foreground = normalised_pair(fine, params)
             if settings.similarity == "mind":
                 fixed, moving = normalise_group(*mind_pair(fixed, moving, fine, params), foreground)
             # the working grid and the fine grid cover the same box with the same corner voxels
             starts = [geometry.resize_field(field, fine.fixed.shape[2:]) for field in fields]
         refined = [refine(fixed, moving, starts[0], settings, fine.grid.spacing, foreground, problem.progress).detach()]
         if len(starts) == 2:
-            with torch.no_grad():
-                moving_foreground = foreground_region(fine.moving, fine.moving_mask, fine.grid.spacing, margin_mm)
             problem.progress.stage(STAGE_REFINE)
             refined.append(refine(moving, fixed, starts[1], settings, fine.grid.spacing, moving_foreground,
                                   problem.progress).detach())
         return refined, fine
+
+
+def normalised_pair(pair: WorkingPair, params: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """Both images of ``pair`` robustly normalised to [0, 1] (one rule, :func:`normalisation_masks`) and each
+    one's foreground dilated by ``foreground_margin_mm``: ``(fixed, moving, fixed region, moving region)``,
+    each ``(1, 1, K, J, I)`` on the pair's grid."""
+    low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
+    fixed_region, moving_region = normalisation_masks(pair)
+    margin_mm = float(params["foreground_margin_mm"])
+    return (robust_normalise(pair.fixed, fixed_region, low, high), robust_normalise(pair.moving, moving_region, low, high),
+            foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, margin_mm),
+            foreground_region(pair.moving, pair.moving_mask, pair.grid.spacing, margin_mm))
 
 
 def normalisation_masks(pair: WorkingPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
