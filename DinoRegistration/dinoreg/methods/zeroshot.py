@@ -61,7 +61,11 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "adam_level": 2,                    # the optimised field lives on every 2nd working voxel
     "adam_iterations": 20,              # with the decaying step, 30 or 40 gave the same Dice and smoothness on real brains
     "adam_learning_rate": 1.0,
-    "regularisation": 0.25,             # diffusion weight per lattice cell (features have unit total variance)
+    "regularisation": 1.0,              # diffusion weight per lattice cell (features have unit total variance);
+                                        # 1.0 (was 0.25) with refine_regularisation 0.5 (was 1.0): a smoother coarse
+                                        # field that the refinement details. Issue 17, whole process: Dice
+                                        # 0.669 / 0.654 on the real pair (was 0.663 / 0.651), 0.794 over 6 synthetic
+                                        # pairs (was 0.788), SDlogJ 0.200 / 0.217 (was 0.224 / 0.244)
     "smoothing_passes": 1,              # 3x3x3 box filters of the field per iteration
     "diffeomorphic": True,              # stationary velocity + scaling and squaring: no folding
     "integration_steps": 2,             # 3 or 4 gave the same Dice (+0.0003), SDlogJ and no folding on real brains
@@ -73,7 +77,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "refine_learning_rate": 0.5,        # Adam step, voxels of the refinement grid
     "refine_similarity": "ncc",         # "ncc" (local NCC, same contrast) or "mind" (MIND-SSC SSD, any contrast)
     "refine_ncc_radius": 2,             # local NCC window half-width, voxels
-    "refine_regularisation": 1.0,       # diffusion weight per voxel (mm per mm)
+    "refine_regularisation": 0.5,       # diffusion weight per voxel (mm per mm); see "regularisation"
     "refine_smoothing_passes": 1,
     "refine_integration_steps": 2,
     "refine_memory_mb": 4096.0,         # the refinement grid is coarsened until its optimisation fits this
@@ -91,16 +95,22 @@ DINO_STAGE_WEIGHTS = {**STAGE_WEIGHTS, STAGE_DINO: 20.0}
 
 # Presets overlay the defaults. 'brain-mr' is the tuned default itself (the defaults were tuned on brain MR).
 BRAIN_MR: dict[str, Any] = {}
-# 'accurate': the default's ConvexAdam, then the refinement on a 1.4 mm grid (12 iterations, 2 squarings).
+# 'accurate': the default's ConvexAdam made smoother, then the refinement on a 1.4 mm grid (12 iterations,
+# 2 squarings, half the default's regularisation).
 # Issue 17: the earlier version (1 mm working grid, 1 mm refinement, 30 iterations, 4 squarings) ran over
 # 9 CPU minutes per 1 mm brain pair; one 1 mm refinement iteration costs ~9 CPU s (grid_sample backward
 # of every squaring, then the box filters), one at 1.4 mm ~2.9 s. 1.4 mm x 12 gave +0.004/+0.009 Dice
 # over the default on the two real directions and +0.013 on the 6 synthetic pairs (BENCHMARKS.md).
+# With the defaults' smoother ConvexAdam (regularisation 1.0, refinement 0.5): 0.666 / 0.662 on the real pair
+# (0.667 / 0.659 with the earlier 0.25 / 1.0), +0.0065 on the 6 synthetic pairs (6 of 6 higher), SDlogJ
+# 0.200 / 0.217, below FireANTs' 0.206 / 0.316 (issue 17's smoothness target; the sweep is in BENCHMARKS.md).
 ACCURATE: dict[str, Any] = {"refine_spacing_mm": 1.4, "refine_iterations": 12, "refine_integration_steps": 2}
 BODY_CT: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 5, "regularisation": 0.5, "refine_spacing_mm": 0.0}
 #: body CT with DINO features: DINO-Reg's soft-tissue window (level 50, width 400 HU)
 BODY_CT_DINO: dict[str, Any] = {**BODY_CT, "ct_window": "-150,250"}
+# 'fast' has no refinement: it keeps the ConvexAdam regularisation that was tuned without one (0.25)
 FAST: dict[str, Any] = {"working_spacing_mm": 2.0, "search_radius": 3, "inverse_consistent": False, "adam_iterations": 20,
+                        "regularisation": 0.25,
                         "refine_spacing_mm": 0.0}
 
 
