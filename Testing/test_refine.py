@@ -45,8 +45,7 @@ def test_refinement_recovers_a_known_smooth_deformation_at_1mm(brain_1mm):
     truth = Transform([truth_field])
     fixed = warp_volume(moving, truth, moving.grid)
     # everything at the image's own 1 mm (the 'accurate' preset before issue 17's CPU budget; the
-    # preset now stops at the 1.6 mm working grid and a 1.4 mm refinement: 0.38 mm error here, measured
-    # before the defaults' regularisation 1.0 / refine_regularisation 0.5)
+    # preset now stops at the 1.6 mm working grid and a 1.4 mm refinement: 0.33 mm error here)
     fine = {"working_spacing_mm": 1.0, "grid_spacing": 6, "adam_iterations": 30, "refine_spacing_mm": 1.0,
             "refine_iterations": 30, "refine_integration_steps": 4}
     options = RegistrationOptions(method="mind-zeroshot", preset="accurate", params=fine, use_affine=False,

@@ -95,8 +95,7 @@ DINO_STAGE_WEIGHTS = {**STAGE_WEIGHTS, STAGE_DINO: 20.0}
 
 # Presets overlay the defaults. 'brain-mr' is the tuned default itself (the defaults were tuned on brain MR).
 BRAIN_MR: dict[str, Any] = {}
-# 'accurate': the default's ConvexAdam made smoother, then the refinement on a 1.4 mm grid (12 iterations,
-# 2 squarings, half the default's regularisation).
+# 'accurate': the default's ConvexAdam, then the refinement on a 1.4 mm grid (12 iterations, 2 squarings).
 # Issue 17: the earlier version (1 mm working grid, 1 mm refinement, 30 iterations, 4 squarings) ran over
 # 9 CPU minutes per 1 mm brain pair; one 1 mm refinement iteration costs ~9 CPU s (grid_sample backward
 # of every squaring, then the box filters), one at 1.4 mm ~2.9 s. 1.4 mm x 12 gave +0.004/+0.009 Dice
