@@ -165,5 +165,9 @@ def test_io_preset_gives_the_reference_instance_optimisation(tmp_path):
         before = ours(moving, fixed)
     params = {"io_iterations": 2, "io_learning_rate": 2e-5, "io_lambda": 1.5, "io_lncc_sigma": 5.0, "io_seed": 0}
     field = finetune_network_io(ours, moving, fixed, params, Progress())
-    assert float((expected - before).abs().max()) > 1e-3  # the fine-tuning changed the field
-    assert float((field - expected).abs().max()) < 1e-4
+    change = float((expected - before).abs().max())
+    assert change > 1e-3  # the fine-tuning changed the field (0.47 voxel here)
+    # Within 0.1 % of what the two steps changed: float32 sums in another order (our loss and the
+    # reference's) differ by up to 1.1e-4 voxel depending on the CPU; io_lambda 1.4 instead of 1.5
+    # already differs by 8e-4 (checked), a wrong learning rate or kernel by far more.
+    assert float((field - expected).abs().max()) < 1e-3 * change
