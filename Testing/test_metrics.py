@@ -57,6 +57,16 @@ def test_sdlogj_and_folding_hand_computed():
     assert metrics.folding_percent(jacobian) == pytest.approx(100.0 / 216)
 
 
+@pytest.mark.parametrize("shape", [(37, 11, 9), (5, 6, 7)])
+def test_sdlogj_by_slabs_equals_the_whole_volume_formula(shape):
+    """Merging the slabs' means and squared deviations gives the whole-volume value (folded voxels clipped)."""
+    rng = np.random.default_rng(3)
+    jacobian = np.exp(rng.normal(0.1, 0.3, size=shape)).astype(np.float32)
+    jacobian[4, 3, 3] = -0.2
+    expected = float(np.log(np.clip(jacobian[2:-2, 2:-2, 2:-2], 1e-9, None).astype(np.float64)).std())
+    assert metrics.sdlogj(jacobian, slab=4) == pytest.approx(expected, rel=1e-12)
+
+
 def test_landmark_tre_and_similarity():
     errors = metrics.landmark_tre(np.array([[0, 0, 0], [1, 1, 1.0]]), np.array([[3, 4, 0], [1, 1, 1.0]]))
     np.testing.assert_allclose(errors, [5.0, 0.0])

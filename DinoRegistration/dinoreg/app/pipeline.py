@@ -261,7 +261,14 @@ class NormalisedIntensities:
 
     def difference_maps(self, fixed: Volume) -> tuple[Volume, Volume]:
         """|fixed - warped| and |fixed - unregistered moving| (the heatmaps after and before), on the fixed grid."""
-        return fixed.with_array(np.abs(self.fixed - self.warped)), fixed.with_array(np.abs(self.fixed - self.unregistered))
+        return fixed.with_array(absolute_difference(self.fixed, self.warped)), \
+            fixed.with_array(absolute_difference(self.fixed, self.unregistered))
+
+
+def absolute_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``|a - b|`` in one new array (no second whole-volume temporary)."""
+    difference = np.subtract(a, b)
+    return np.abs(difference, out=difference)
 
 
 def similarity(fixed_n: np.ndarray, other_n: np.ndarray, mask: np.ndarray) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from dinoreg.core import geometry, spatial
 from dinoreg.core.geometry.jacobian import determinant_3x3
@@ -90,9 +91,28 @@ class DenseField:
         """The same physical map, sampled on another grid (trilinear)."""
         if grid.same_as(self.grid):
             return self
-        points = spatial.grid_points(grid)
-        sampled = spatial.sample_at_points(self.as_tensor(), self.grid, points)
-        return DenseField(sampled[0].permute(1, 2, 3, 0).numpy(), grid)
+        return DenseField(self.sampled_on(grid).numpy(), grid)
+
+    def sampled_on(self, grid: Grid, device: torch.device | str = "cpu", matrix: np.ndarray | None = None) -> torch.Tensor:
+        """``u`` at the voxel centres of ``grid``: ``(K, J, I, 3)`` LPS mm (float32), 0 outside this field's grid.
+
+        When ``grid`` covers the same box as the field's grid (our methods' fields live on a coarser
+        grid over the fixed image's box), trilinear upsampling: the same values as sampling at the
+        points (to float rounding), about 4x faster on the CPU than ``grid_sample`` at every point.
+        ``matrix``: a 3x3 linear map applied to the displacement vectors (on the field's own grid,
+        before the upsampling: interpolation is linear, so the result is ``matrix @ u(x)``).
+        """
+        field_tensor = self.as_tensor(device)
+        if matrix is not None:
+            linear = torch.as_tensor(np.asarray(matrix), dtype=field_tensor.dtype, device=field_tensor.device)
+            field_tensor = torch.einsum("rc,nc...->nr...", linear, field_tensor)
+        if grid.same_box_as(self.grid):
+            if grid.same_as(self.grid):
+                return field_tensor[0].permute(1, 2, 3, 0)
+            upsampled = F.interpolate(field_tensor, size=grid.shape, mode="trilinear", align_corners=True)
+            return upsampled[0].permute(1, 2, 3, 0)
+        sampled = spatial.sample_at_points(field_tensor, self.grid, spatial.grid_points(grid, device=device))
+        return sampled[0].permute(1, 2, 3, 0)
 
     def inverse(self, iterations: int = 30, max_voxels: int = 1_000_000) -> "DenseField":
         """Numerical inverse: ``x + v(x)`` undoes ``x + u(x)`` on the same grid (see :meth:`inverse_with_residual`)."""
@@ -121,8 +141,8 @@ class DenseField:
             return float(torch.quantile(residual.flatten()[:: max(1, residual.numel() // 1_000_000)], 0.99))
 
         inverse, residual = geometry.invert(field, min(first_iterations, iterations), tolerance_voxels)
-        if p99(residual) > tolerance_voxels and iterations > first_iterations:
-            inverse, residual = geometry.invert(field, iterations, tolerance_voxels)
+        if p99(residual) > tolerance_voxels and iterations > first_iterations:  # go on where it stopped
+            inverse, residual = geometry.invert(field, iterations - first_iterations, tolerance_voxels, initial=inverse)
         result = DenseField.from_voxel_displacement(inverse, work_grid).resampled_to(self.grid)
         return result, p99(residual)
 
@@ -179,14 +199,25 @@ class Transform:
     def mapped_points(self, grid: Grid, device: torch.device | str = "cpu", k_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Where each voxel centre of ``grid`` lands: ``(K, J, I, 3)`` LPS mm (float32).
 
-        Fast paths: a dense field defined on ``grid`` itself is added without interpolation when it
-        is the FIRST step (the points are still the grid's voxel centres; after any other step they
-        are not, and the field must be interpolated where the points went), and consecutive affine
-        steps are folded into one matrix.
+        Fast paths: a dense field that is the FIRST step (the points are still the grid's voxel
+        centres; after any other step they are not, and the field must be interpolated where the
+        points went) is added without interpolation when defined on ``grid`` itself, and upsampled
+        (:meth:`DenseField.sampled_on`) when defined on a grid over the same box; consecutive
+        affine steps are folded into one matrix.
         """
+        steps = fold_affines(self.steps)
+        first = steps[0] if steps else None
+        if (isinstance(first, DenseField) and k_range is None and first.grid.same_box_as(grid)
+                and not first.grid.same_as(grid)):
+            # A(x + u(x)) + t = (A x + t) + A u(x): the affine is folded into the grid's points and
+            # applied to u on its own (coarser) grid, instead of a pass over every mapped point
+            then = steps[1] if len(steps) > 1 and isinstance(steps[1], AffineMap) else AffineMap()
+            points = spatial.grid_points(grid, None, device, then=then.homogeneous)
+            points = points + first.sampled_on(grid, device, matrix=then.matrix)
+            return Transform(steps[2 if len(steps) > 1 and isinstance(steps[1], AffineMap) else 1:]).apply(points)
         points = spatial.grid_points(grid, k_range, device)
         k0, k1 = k_range or (0, grid.shape[0])
-        for position, step in enumerate(fold_affines(self.steps)):
+        for position, step in enumerate(steps):
             if position == 0 and isinstance(step, DenseField) and step.grid.same_as(grid):
                 points = points + torch.from_numpy(step.displacement[k0:k1]).to(device)
             else:

@@ -87,6 +87,16 @@ class Grid:
             and np.allclose(self.direction, other.direction, atol=1e-5)
         )
 
+    def same_box_as(self, other: "Grid", tolerance_mm: float = 1e-3) -> bool:
+        """True when both grids have voxel centres on the same corners of the same box (same origin,
+        direction and extent, any sizes): one is the other's :meth:`with_spacing`, so a field on one
+        is resampled onto the other by plain trilinear interpolation with ``align_corners=True``."""
+        return (
+            np.allclose(self.origin, other.origin, atol=tolerance_mm)
+            and np.allclose(self.extent_mm, other.extent_mm, atol=tolerance_mm)
+            and np.allclose(self.direction, other.direction, atol=1e-5)
+        )
+
     def to_sitk_reference(self) -> sitk.Image:
         """An empty SimpleITK image with this geometry (for resampling onto this grid)."""
         image = sitk.Image(list(self.size), sitk.sitkUInt8)

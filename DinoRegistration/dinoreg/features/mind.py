@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoreg.core.filters import box_mean
 from dinoreg.core.spatial import voxels_per_axis
 from dinoreg.errors import InputError
 
@@ -58,15 +59,6 @@ def fill_outside_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     flat_index = (nearest[0].astype(np.int64) * shape[1] + nearest[1]) * shape[2] + nearest[2]
     index = torch.from_numpy(flat_index.reshape(-1)).to(image.device)
     return image.reshape(-1)[index].reshape(image.shape)
-
-
-def box_filter(volume: torch.Tensor, radius: Sequence[int]) -> torch.Tensor:
-    """Mean over a (2r+1) box per axis (k, j, i) with replicated borders; ``(N, C, K, J, I)``."""
-    rk, rj, ri = (int(r) for r in radius)
-    if rk == rj == ri == 0:
-        return volume
-    padded = F.pad(volume, (ri, ri, rj, rj, rk, rk), mode="replicate")
-    return F.avg_pool3d(padded, (2 * rk + 1, 2 * rj + 1, 2 * ri + 1), stride=1)
 
 
 def mind_ssc(image: torch.Tensor, mask: torch.Tensor | None = None, radius: int = 1, dilation: int = 2,
@@ -109,7 +101,7 @@ def mind_ssc(image: torch.Tensor, mask: torch.Tensor | None = None, radius: int 
     for channel, (a, b) in enumerate(_PAIRS):
         torch.sub(shifted(a), shifted(b), out=distance[:, channel:channel + 1]).square_()
     del padded
-    distance = box_filter(distance, radii)
+    distance = box_mean(distance, radii, border="replicate")
     distance.sub_(distance.min(dim=1, keepdim=True).values)
     variance = distance.mean(dim=1, keepdim=True)
     mean_variance = float(variance.mean())

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.core import geometry
+from dinoreg.core.filters import box_mean
 from dinoreg.core.spatial import voxels_per_axis
 from dinoreg.errors import InputError
 from dinoreg.optim.adam import Adam
@@ -173,7 +174,7 @@ def resample_lattice(field: torch.Tensor, src_step: Sequence[float], src_offset:
 def _box3(volume: torch.Tensor, passes: int) -> torch.Tensor:
     """``passes`` 3x3x3 mean filters; at the border only voxels inside are averaged."""
     for _ in range(passes):
-        volume = F.avg_pool3d(volume, 3, stride=1, padding=1, count_include_pad=False)
+        volume = box_mean(volume, 1)
     return volume
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.core import geometry
+from dinoreg.core.filters import box_mean
 from dinoreg.errors import InputError
 from dinoreg.progress import Progress
 from dinoreg.optim.adam import Adam
@@ -99,19 +100,6 @@ def fine_spacing_for_budget(requested_mm: float, fixed_spacing: Sequence[float],
     return spacing
 
 
-def box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over ``(2 * radius + 1)^3`` box windows, voxels outside the volume left out, as three
-    1-D passes: the same values as ``avg_pool3d(count_include_pad=False)`` (a box and its in-volume
-    voxel count both factorise per axis) at 3 * (2r + 1) instead of (2r + 1)^3 reads per voxel
-    (issue 17: the 3-D box filters were a third of a 1 mm refinement iteration)."""
-    size = 2 * radius + 1
-    for axis in range(3):
-        kernel, padding = [1, 1, 1], [0, 0, 0]
-        kernel[axis], padding[axis] = size, radius
-        volume = F.avg_pool3d(volume, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=False)
-    return volume
-
-
 @dataclass
 class FixedWindows:
     """Box-window statistics of the fixed image, computed once per refinement (no gradient)."""
@@ -167,7 +155,7 @@ def refine(fixed: torch.Tensor, moving: torch.Tensor, initial: torch.Tensor, set
 
     def displacement_of(v: torch.Tensor) -> torch.Tensor:
         for _ in range(settings.smoothing_passes):
-            v = F.avg_pool3d(v, 3, stride=1, padding=1, count_include_pad=False)
+            v = box_mean(v, 1)
         return geometry.integrate_velocity(v, settings.integration_steps)
 
     for iteration in range(settings.iterations):

@@ -60,10 +60,25 @@ def crop_border(array: np.ndarray, border: int = 2) -> np.ndarray:
     return array[border:-border, border:-border, border:-border]
 
 
-def sdlogj(jacobian: np.ndarray, border: int = 2) -> float:
-    """Standard deviation of log(J) with J clipped to 1e-9, ``border`` voxels cropped."""
-    values = np.clip(crop_border(jacobian, border), 1e-9, None).astype(np.float64)
-    return float(np.log(values).std())
+def sdlogj(jacobian: np.ndarray, border: int = 2, slab: int = 8) -> float:
+    """Standard deviation of log(J) with J clipped to 1e-9, ``border`` voxels cropped (float64).
+
+    Computed ``slab`` slices at a time (each slab's mean and sum of squared deviations, merged
+    exactly by Chan's formula): the same value as ``np.log(values).std()`` to float64 rounding,
+    without three whole-volume float64 temporaries (168 MB for a 1 mm brain, most of this
+    metric's time in a registration process).
+    """
+    values = crop_border(jacobian, border)
+    count, mean, squares = 0, 0.0, 0.0
+    for k0 in range(0, values.shape[0], slab):
+        logs = np.log(np.clip(values[k0:k0 + slab], 1e-9, None).astype(np.float64))
+        n, slab_mean = logs.size, float(logs.mean())
+        slab_squares = float(np.square(logs - slab_mean).sum())
+        delta = slab_mean - mean
+        squares += slab_squares + delta * delta * count * n / (count + n)
+        mean += delta * n / (count + n)
+        count += n
+    return float(np.sqrt(squares / count)) if count else float("nan")
 
 
 def folding_percent(jacobian: np.ndarray, border: int = 2) -> float:

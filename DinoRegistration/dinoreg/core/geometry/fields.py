@@ -83,8 +83,8 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     return displacement
 
 
-def invert(displacement: torch.Tensor, iterations: int = 30,
-           tolerance: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def invert(displacement: torch.Tensor, iterations: int = 30, tolerance: float = 0.01,
+           initial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Numerical inverse ``v`` of ``x + u(x)``, and how well it inverts.
 
     Fixed-point iteration ``v <- -u(x + v(x))`` (converges when ``x + u`` does not fold, i.e. the
@@ -92,9 +92,10 @@ def invert(displacement: torch.Tensor, iterations: int = 30,
     Returns ``(v, residual)``: ``v`` ``(N, 3, D, H, W)`` in voxels such that ``compose(v, u) ~ 0``,
     and ``residual = |v(x) + u(x + v(x))|`` ``(N, 1, D, H, W)`` in voxels (``residual.amax()`` is
     the worst voxel; points whose image leaves the grid see the border-extended field).
+    ``initial``: an earlier result to go on from (the same iterates as one longer call), else ``-u``.
     """
     # |r| as sqrt(sum r^2): torch's norm over the channel axis of a (N, 3, D, H, W) tensor is ~15x slower on CPU
-    inverse = -displacement
+    inverse = -displacement if initial is None else initial
     residual_field = inverse + warp(displacement, inverse)
     for _ in range(iterations):
         if float(residual_field.detach().square().sum(dim=1).amax()) < tolerance ** 2:
