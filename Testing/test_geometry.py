@@ -137,6 +137,17 @@ def test_inverse_round_trips_in_both_directions_and_reports_its_residual():
     assert float(bad.amax()) > 1.0
 
 
+def test_inverse_goes_on_from_an_earlier_result_with_the_same_iterates():
+    """``initial=``: 12 iterations, then 18 more from there, equal 30 in one call (the inverse's
+    cheap-first rule continues instead of starting again)."""
+    displacement = smooth_random_field((16, 18, 20), 3.0, seed=5)
+    first, _ = invert(displacement, iterations=12, tolerance=0.0)
+    continued, residual = invert(displacement, iterations=18, tolerance=0.0, initial=first)
+    whole, whole_residual = invert(displacement, iterations=30, tolerance=0.0)
+    torch.testing.assert_close(continued, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(residual, whole_residual, atol=1e-6, rtol=0)
+
+
 def test_compose_of_translations_adds_them():
     shape = (8, 8, 8)
     a = torch.zeros((1, 3, *shape))
