@@ -158,3 +158,23 @@ def test_every_bad_parameter_value_is_one_line(capsys, tmp_path, good_pair):
         for bad in bad_values:
             error = run_expecting_error(capsys, tmp_path, *good_pair, "--method", "mind-zeroshot", "--param", f"{key}={bad}")
             assert key in error, (key, bad, error)
+
+
+@pytest.mark.parametrize("user_setting, expected", [
+    ({}, "None 20000"),                                   # a terminal run: short spin-waits
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),      # the Slicer module's background process, or a user
+    ({"GOMP_SPINCOUNT": "100"}, "PASSIVE 100"),            # a user's own spin count is kept
+])
+def test_a_terminal_registration_spins_briefly_unless_told_otherwise(user_setting, expected):
+    """OpenMP waiting of ``dinoreg register``/``demo``: the engine's passive default becomes a short
+    spin only when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT was set (and before torch loads)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user_setting, PYTHONPATH=str(REPO / "DinoRegistration"))
+    code = ("import os, sys; from dinoreg.cli.main import spin_briefly_while_waiting; spin_briefly_while_waiting(); "
+            "assert 'torch' not in sys.modules; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -521,6 +521,8 @@ def test_registration_command_line_follows_the_options(logic):
     assert "--no-jacobian" not in joined and "--moving-mask" not in joined
     assert logic.engineCommand("methods")[:3] == [sys.executable, "-m", "dinoreg"]
     assert logic.engineEnvironment()["PYTHONPATH"].split(os.pathsep)[0] == str(MODULE_DIR)
+    # the background engine shares the CPU with Slicer: passive OpenMP waits, which the CLI then keeps
+    assert logic.engineEnvironment()["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def test_environment_probe_and_method_list_run_in_the_background(logic):

@@ -20,6 +20,9 @@ from typing import Any
 
 # Passive OpenMP waiting, set before torch is imported: with the default spin-waiting, every small
 # torch operation crawls (3-30x measured) when the CPU is shared with other work, e.g. inside Slicer.
+# One registration started from a terminal has the CPU to itself and spins briefly instead
+# (``cli/main.py``, ``spin_briefly_while_waiting``); a policy the user (or Slicer's module) set is kept.
+OPENMP_WAITING_SET_BY_USER = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

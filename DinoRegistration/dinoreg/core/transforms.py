@@ -211,10 +211,11 @@ class Transform:
                 and not first.grid.same_as(grid)):
             # A(x + u(x)) + t = (A x + t) + A u(x): the affine is folded into the grid's points and
             # applied to u on its own (coarser) grid, instead of a pass over every mapped point
-            then = steps[1] if len(steps) > 1 and isinstance(steps[1], AffineMap) else AffineMap()
+            folded = 2 if len(steps) > 1 and isinstance(steps[1], AffineMap) else 1
+            then = steps[1] if folded == 2 else AffineMap()
             points = spatial.grid_points(grid, None, device, then=then.homogeneous)
             points = points + first.sampled_on(grid, device, matrix=then.matrix)
-            return Transform(steps[2 if len(steps) > 1 and isinstance(steps[1], AffineMap) else 1:]).apply(points)
+            return Transform(steps[folded:]).apply(points)
         points = spatial.grid_points(grid, k_range, device)
         k0, k1 = k_range or (0, grid.shape[0])
         for position, step in enumerate(steps):
