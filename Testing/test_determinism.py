@@ -53,3 +53,51 @@ def test_same_inputs_give_the_same_transform(name, request):
     assert len(first) == len(second)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_affine_stage_started_in_the_background_gives_the_same_registration():
+    """The command line starts the affine stage before loading torch (``optim.affine.AffineStage``):
+    the pipeline then uses that stage's transform, which equals the one it computes itself."""
+    from dinoreg.optim.affine import AffineStage
+
+    fixed, moving = read_volume(DEMO / "MRBrainTumor1.nii.gz"), read_volume(DEMO / "MRBrainTumor2.nii.gz")
+    options = RegistrationOptions(method="mind-zeroshot", params={"adam_iterations": 5, "refine_iterations": 3},
+                                  device="cpu", compute_inverse=False, compute_jacobian=False)
+    itself = register(fixed, moving, options)
+    stage = AffineStage(fixed, moving)
+    early = register(fixed, moving, options, affine_stage=stage)
+    for a, b in zip(transform_arrays(itself.transform), transform_arrays(early.transform)):
+        np.testing.assert_array_equal(a, b)
+    assert stage.seconds is not None and early.report["affine_stage_seconds_in_background"] == pytest.approx(
+        stage.seconds, abs=1e-3)
+
+
+def test_an_unused_or_cancelled_affine_stage_is_stopped():
+    """A method without an affine stage stops the one started for it; a cancel reaches a running stage."""
+    from dinoreg.errors import Cancelled
+    from dinoreg.optim.affine import AffineStage
+    from dinoreg.progress import Progress
+
+    fixed, moving = read_volume(DEMO / "MRBrainTumor1.nii.gz"), read_volume(DEMO / "MRBrainTumor2.nii.gz")
+    stage = AffineStage(fixed, moving)
+    result = register(fixed, moving, RegistrationOptions(method="identity", device="cpu", compute_inverse=False,
+                                                         compute_jacobian=False), affine_stage=stage)
+    assert result.transform.steps == [] or all(isinstance(s, AffineMap) for s in result.transform.steps)
+    assert stage.progress.cancel_event.is_set()
+    cancelled = Progress()
+    cancelled.cancel()
+    with pytest.raises(Cancelled):
+        AffineStage(fixed, moving).result(cancelled)
+
+
+def test_the_affine_stage_loads_no_torch():
+    """What lets it run while torch loads: ``optim/affine.py`` and ``core/affine_map.py`` import no torch."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import sys, dinoreg.optim.affine, dinoreg.io.volumes; assert 'torch' not in sys.modules, 'torch loaded'"
+    result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(REPO / "DinoRegistration"),
+                                                              "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ from dinoreg.core.transforms import (DenseField, Transform, transform_jacobian, 
 from dinoreg.core.volume import Volume
 from dinoreg.errors import InputError, RegistrationFailed
 from dinoreg.methods.base import Method, RegistrationProblem, get_method, registry
-from dinoreg.optim.affine import AffineSettings, affine_registration
+from dinoreg.optim.affine import AffineSettings, AffineStage, affine_registration
 from dinoreg.peak_memory import peak_rss_mb
 from dinoreg.progress import Progress
 from dinoreg.report import metrics
@@ -110,12 +110,26 @@ def plan_stages(progress: Progress, method_weights: dict[str, float], options: R
 def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None = None,
              fixed_mask: Volume | None = None, moving_mask: Volume | None = None,
              moving_labels: Volume | None = None, fixed_labels: Volume | None = None,
-             progress: Progress | None = None) -> RegistrationResult:
+             progress: Progress | None = None, affine_stage: AffineStage | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (both LPS mm, any grids); see :class:`RegistrationOptions`.
 
+    ``affine_stage``: the affine stage already started on these same images and masks (the command
+    line starts it before loading torch); used when the method takes an affine stage, else stopped.
     Raises ``InputError`` for bad options, ``RegistrationFailed`` when the images cannot be
     aligned, ``Cancelled`` when ``progress`` was cancelled.
     """
+    try:
+        return register_stages(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels, progress,
+                               affine_stage)
+    finally:
+        if affine_stage is not None:  # unused, or a failure before it was collected: stop it
+            affine_stage.stop()
+
+
+def register_stages(fixed: Volume, moving: Volume, options: RegistrationOptions | None, fixed_mask: Volume | None,
+                    moving_mask: Volume | None, moving_labels: Volume | None, fixed_labels: Volume | None,
+                    progress: Progress | None, affine_stage: AffineStage | None) -> RegistrationResult:
+    """The stages of :func:`register`, in order."""
     options = options or RegistrationOptions()
     progress = progress or Progress()
     started = time.perf_counter()
@@ -135,7 +149,10 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if use_affine:
         progress.stage("affine")
         try:
-            initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
+            if affine_stage is not None:
+                initial = affine_stage.result(progress)
+            else:
+                initial = affine_registration(fixed, moving, progress, AffineSettings(), fixed_mask, moving_mask)
         except RuntimeError as error:
             raise too_small(error, "the affine stage", fixed, "for images under about 4 cm across, turn it off (--no-affine)")
     try:
@@ -177,6 +194,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         unregistered_labels = resample_without_transform(moving_labels, fixed.grid, "nearest")
         report["labels"] = label_scores(fixed_labels, warped_labels, unregistered_labels)
 
+    if use_affine and affine_stage is not None:  # "affine" in seconds_per_stage was the wait for it
+        report["affine_stage_seconds_in_background"] = round(affine_stage.seconds or 0.0, 3)
     report["warnings"] = input_warnings({"fixed image": fixed, "moving image": moving}) + result_warnings(report)
     return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
                               warped_labels, report)

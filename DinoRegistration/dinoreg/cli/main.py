@@ -211,14 +211,15 @@ def spin_briefly_while_waiting() -> None:
 
 def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Path, outdir: Path) -> int:
     spin_briefly_while_waiting()
-    from dinoreg.app.outputs import check_output_folder, write_outputs  # lazy: imports SimpleITK, numpy, scipy, torch
-    from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports SimpleITK, numpy, scipy, torch
+    from dinoreg.app.output_policy import check_output_target  # lazy: torch-free, as the next two
     from dinoreg.io.volumes import read_label_volume, read_mask, read_volume  # lazy: imports SimpleITK, numpy
+    from dinoreg.optim.affine import AffineStage  # lazy: SimpleITK only
 
-    outdir = check_output_folder(outdir, run_inputs(args, fixed_path, moving_path))
+    outdir = check_output_target(outdir, run_inputs(args, fixed_path, moving_path))
     check_label_options(args)
     if args.scene:
         check_scene_support()
+    params = parse_params(args.param)
     fixed = read_volume(fixed_path, "fixed image")
     moving = read_volume(moving_path, "moving image")
     fixed_mask = read_mask(args.fixed_mask, fixed, "fixed mask") if args.fixed_mask else None
@@ -226,13 +227,19 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     moving_labels = read_label_volume(args.moving_labels, moving, "moving label map") if args.moving_labels else None
     fixed_labels = read_label_volume(args.fixed_labels, fixed, "fixed label map") if args.fixed_labels else None
     landmarks = read_landmark_pair(getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
-    options = RegistrationOptions(method=args.method, preset=args.preset, params=parse_params(args.param),
-                                  use_affine=not args.no_affine, device=args.device,
-                                  compute_inverse=not args.no_inverse, compute_jacobian=not args.no_jacobian)
-    with progress_display(args.quiet, args.progress_json) as progress:
-        result = register(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels, progress)
+    # The affine stage (SimpleITK, one thread) runs while this thread loads torch: the pipeline uses it
+    # if the method takes an affine stage and stops it otherwise (issue 17: 0.6-1.3 s less per run)
+    affine_stage = None if args.no_affine else AffineStage(fixed, moving, fixed_mask, moving_mask)
+    try:
+        result = run_pipeline(args, params, fixed, moving, fixed_mask, moving_mask, moving_labels, fixed_labels,
+                              affine_stage)
+    finally:
+        if affine_stage is not None:
+            affine_stage.stop()
     if landmarks is not None:
         result.report["landmarks"] = landmark_report(result, landmarks)
+    from dinoreg.app.outputs import write_outputs  # lazy: imports torch (loaded by now)
+
     inputs = {"fixed": str(fixed_path), "moving": str(moving_path)}
     write_outputs(result, outdir, inputs)
     for warning in result.report.get("warnings") or ():
@@ -243,6 +250,19 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
         write_scene_bundle(outdir, Path(args.scene), fixed_path, moving_path)
     emit_done(result.report, outdir, args)
     return 0
+
+
+def run_pipeline(args: argparse.Namespace, params: dict, fixed: Any, moving: Any, fixed_mask: Any, moving_mask: Any,
+                 moving_labels: Any, fixed_labels: Any, affine_stage: Any) -> Any:
+    """Load the pipeline (torch) and register, with the progress display of ``args``."""
+    from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports torch
+
+    options = RegistrationOptions(method=args.method, preset=args.preset, params=params,
+                                  use_affine=not args.no_affine, device=args.device,
+                                  compute_inverse=not args.no_inverse, compute_jacobian=not args.no_jacobian)
+    with progress_display(args.quiet, args.progress_json) as progress:
+        return register(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels, progress,
+                        affine_stage=affine_stage)
 
 
 def run_inputs(args: argparse.Namespace, fixed_path: Path, moving_path: Path) -> list[str | Path | None]:

@@ -19,40 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.core import geometry, spatial
+from dinoreg.core.affine_map import AffineMap
 from dinoreg.core.geometry.jacobian import determinant_3x3
 from dinoreg.core.volume import Grid, Volume
-
-
-@dataclass(frozen=True)
-class AffineMap:
-    """``y = matrix @ x + translation`` in LPS mm; ``matrix`` 3x3, ``translation`` (3,)."""
-
-    matrix: np.ndarray = field(default_factory=lambda: np.eye(3))
-    translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
-
-    @property
-    def homogeneous(self) -> np.ndarray:
-        out = np.eye(4)
-        out[:3, :3] = self.matrix
-        out[:3, 3] = self.translation
-        return out
-
-    @staticmethod
-    def from_homogeneous(matrix: np.ndarray) -> "AffineMap":
-        return AffineMap(np.asarray(matrix[:3, :3], dtype=np.float64), np.asarray(matrix[:3, 3], dtype=np.float64))
-
-    def inverse(self) -> "AffineMap":
-        return AffineMap.from_homogeneous(np.linalg.inv(self.homogeneous))
-
-    def then(self, other: "AffineMap") -> "AffineMap":
-        """The map ``x -> other(self(x))``."""
-        return AffineMap.from_homogeneous(other.homogeneous @ self.homogeneous)
-
-    def apply(self, points: torch.Tensor) -> torch.Tensor:
-        """Map physical points ``(..., 3)``."""
-        matrix = torch.as_tensor(self.matrix, dtype=points.dtype, device=points.device)
-        offset = torch.as_tensor(self.translation, dtype=points.dtype, device=points.device)
-        return points @ matrix.T + offset
 
 
 @dataclass

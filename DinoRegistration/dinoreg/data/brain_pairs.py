@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.core.geometry import compose, invert, resize_field
-from dinoreg.core.transforms import AffineMap, Transform, warp_volume
+from dinoreg.core.affine_map import AffineMap
+from dinoreg.core.transforms import Transform, warp_volume
 from dinoreg.core.volume import Grid, Volume
 from dinoreg.data import synthesis
 from dinoreg.data.deformations import (affine_displacement, integrate_velocity, random_affine_matrix, random_velocity,

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dinoreg.core.transforms import AffineMap, DenseField, Transform
+from dinoreg.core.affine_map import AffineMap
+from dinoreg.core.transforms import DenseField, Transform
 from dinoreg.core.volume import Grid, copy_geometry_to_sitk
 from dinoreg.errors import InputError
 from dinoreg.io.file_modes import honour_umask
@@ -71,10 +72,7 @@ def sitk_part_to_step(part: sitk.Transform) -> AffineMap | DenseField:
     if part.GetTransformEnum() == sitk.sitkIdentity:
         return AffineMap()
     if part.IsLinear():
-        # Probe the map with points: works for every linear ITK transform (Euler, Similarity, Affine...).
-        origin = np.array(part.TransformPoint((0.0, 0.0, 0.0)))
-        columns = [np.array(part.TransformPoint(tuple(e))) - origin for e in np.eye(3)]
-        return AffineMap(np.stack(columns, axis=1), origin)
+        return AffineMap.from_sitk(part)
     raise InputError(f"transform part {part.GetName()} is not supported: use affine or displacement-field transforms")
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dinoreg.errors import InputError
-from dinoreg.core.transforms import AffineMap, DenseField, Transform, warp_volume
+from dinoreg.core.affine_map import AffineMap
+from dinoreg.core.transforms import DenseField, Transform, warp_volume
 from dinoreg.core.volume import Grid
 from dinoreg.methods.base import Availability, Method, RegistrationProblem, register_method
 from dinoreg.networks import gradicon
