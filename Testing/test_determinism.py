@@ -83,7 +83,11 @@ def test_an_unused_or_cancelled_affine_stage_is_stopped():
     result = register(fixed, moving, RegistrationOptions(method="identity", device="cpu", compute_inverse=False,
                                                          compute_jacobian=False), affine_stage=stage)
     assert result.transform.steps == [] or all(isinstance(s, AffineMap) for s in result.transform.steps)
-    assert stage.progress.cancel_event.is_set()
+    assert stage.progress.cancel_event.is_set() and not stage.running  # stopped, and its thread ended
+    fresh = AffineStage(fixed, moving)
+    assert fresh.running
+    fresh.stop()  # waits: ITK still running in a thread when the process exits aborts it (status 134)
+    assert not fresh.running
     cancelled = Progress()
     cancelled.cancel()
     with pytest.raises(Cancelled):

@@ -94,6 +94,25 @@ def test_engine_process_terminated_or_killed_mid_run(tmp_path, signal_number):
     assert digest(FIXED, MOVING) == before
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_engine_process_terminated_during_the_background_affine_stage(tmp_path):
+    """The command line runs the affine stage in a thread while torch loads: a SIGTERM then stops
+    that thread before the process exits (exit 130, one line, nothing written; ITK still running in
+    a thread at exit aborted the process with status 134)."""
+    outdir = tmp_path / "out"
+    process = cli_process(outdir)
+    for line in process.stdout:
+        event = json.loads(line)
+        if event.get("event") == "progress" and event["stage"] == "affine":
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-500:]
+    assert stderr.strip().splitlines()[-1].startswith("dinoreg: error: registration stopped (terminated)")
+    assert "Traceback" not in stderr and "terminate called" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="resource.RLIMIT_FSIZE is POSIX")
 def test_disk_full_while_writing(tmp_path):
     """A file-size limit makes every write past 20 kB fail (EFBIG), as a full disk would."""

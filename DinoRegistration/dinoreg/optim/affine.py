@@ -326,11 +326,19 @@ class AffineStage:
         return self._outcome["transform"]  # type: ignore[return-value]
 
     @property
+    def running(self) -> bool:
+        """Whether the stage's thread still runs."""
+        return self._thread.is_alive()
+
+    @property
     def seconds(self) -> float | None:
         """How long the stage itself took (None while it runs)."""
         return self._outcome.get("seconds")  # type: ignore[return-value]
 
-    def stop(self) -> None:
-        """Ask the stage to stop at its next iteration (an unused or cancelled stage)."""
+    def stop(self, timeout_seconds: float = 60.0) -> None:
+        """Stop the stage (unused or cancelled) and wait until its thread has ended: it stops at its
+        next resolution level (under a second). A process must not exit while ITK still runs in the
+        thread (it aborts: "terminate called without an active exception")."""
         self.progress.cancel()
+        self._thread.join(timeout_seconds)
 
