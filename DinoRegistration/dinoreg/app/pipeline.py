@@ -114,22 +114,11 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     """Register ``moving`` to ``fixed`` (both LPS mm, any grids); see :class:`RegistrationOptions`.
 
     ``affine_stage``: the affine stage already started on these same images and masks (the command
-    line starts it before loading torch); used when the method takes an affine stage, else stopped.
+    line starts it before loading torch); used when the method takes an affine stage, else stopped
+    at once. Its owner stops it on any failure (``with AffineStage(...) as stage:``).
     Raises ``InputError`` for bad options, ``RegistrationFailed`` when the images cannot be
     aligned, ``Cancelled`` when ``progress`` was cancelled.
     """
-    try:
-        return register_stages(fixed, moving, options, fixed_mask, moving_mask, moving_labels, fixed_labels, progress,
-                               affine_stage)
-    finally:
-        if affine_stage is not None:  # unused, or a failure before it was collected: stop it
-            affine_stage.stop()
-
-
-def register_stages(fixed: Volume, moving: Volume, options: RegistrationOptions | None, fixed_mask: Volume | None,
-                    moving_mask: Volume | None, moving_labels: Volume | None, fixed_labels: Volume | None,
-                    progress: Progress | None, affine_stage: AffineStage | None) -> RegistrationResult:
-    """The stages of :func:`register`, in order."""
     options = options or RegistrationOptions()
     progress = progress or Progress()
     started = time.perf_counter()
@@ -142,6 +131,8 @@ def register_stages(fixed: Volume, moving: Volume, options: RegistrationOptions 
     check_registration_inputs(fixed, moving, fixed_mask, moving_mask)
     method_name = method.name
     use_affine = options.use_affine and method.uses_affine_stage
+    if affine_stage is not None and not use_affine:
+        affine_stage.stop()
     plan_stages(progress, method.stage_weights, options, use_affine)
     problem = RegistrationProblem(fixed, moving, fixed_mask, moving_mask, device, params, progress)
 

@@ -18,7 +18,7 @@ import warnings
 from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dinoreg.app.output_policy import check_output_file
 from dinoreg.cli.arguments import parse_params
@@ -29,6 +29,11 @@ from dinoreg.cli.train import add_training_commands
 from dinoreg.cli.weights import add_weights_subcommand
 from dinoreg.errors import Cancelled, InputError, RegistrationFailed
 from dinoreg.progress import Progress, done_event, error_event, print_event, progress_event
+
+if TYPE_CHECKING:  # names for hints only: these modules load lazily (torch, SimpleITK)
+    from dinoreg.app.pipeline import RegistrationResult
+    from dinoreg.core.volume import Volume
+    from dinoreg.optim.affine import AffineStage
 
 DEMO_FILES = ("MRBrainTumor1.nii.gz", "MRBrainTumor2.nii.gz")
 #: iterations torch's OpenMP threads (libgomp) spin before sleeping, for one registration from a terminal:
@@ -229,13 +234,12 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     landmarks = read_landmark_pair(getattr(args, "fixed_landmarks", None), getattr(args, "moving_landmarks", None))
     # The affine stage (SimpleITK, one thread) runs while this thread loads torch: the pipeline uses it
     # if the method takes an affine stage and stops it otherwise (issue 17: 0.6-1.3 s less per run)
-    affine_stage = None if args.no_affine else AffineStage(fixed, moving, fixed_mask, moving_mask)
-    try:
-        result = run_pipeline(args, params, fixed, moving, fixed_mask, moving_mask, moving_labels, fixed_labels,
-                              affine_stage)
-    finally:
-        if affine_stage is not None:
-            affine_stage.stop()
+    if args.no_affine:
+        result = run_pipeline(args, params, fixed, moving, fixed_mask, moving_mask, moving_labels, fixed_labels, None)
+    else:
+        with AffineStage(fixed, moving, fixed_mask, moving_mask) as affine_stage:
+            result = run_pipeline(args, params, fixed, moving, fixed_mask, moving_mask, moving_labels, fixed_labels,
+                                  affine_stage)
     if landmarks is not None:
         result.report["landmarks"] = landmark_report(result, landmarks)
     from dinoreg.app.outputs import write_outputs  # lazy: imports torch (loaded by now)
@@ -252,8 +256,9 @@ def run_registration(args: argparse.Namespace, fixed_path: Path, moving_path: Pa
     return 0
 
 
-def run_pipeline(args: argparse.Namespace, params: dict, fixed: Any, moving: Any, fixed_mask: Any, moving_mask: Any,
-                 moving_labels: Any, fixed_labels: Any, affine_stage: Any) -> Any:
+def run_pipeline(args: argparse.Namespace, params: dict[str, Any], fixed: Volume, moving: Volume,
+                 fixed_mask: Volume | None, moving_mask: Volume | None, moving_labels: Volume | None,
+                 fixed_labels: Volume | None, affine_stage: AffineStage | None) -> RegistrationResult:
     """Load the pipeline (torch) and register, with the progress display of ``args``."""
     from dinoreg.app.pipeline import RegistrationOptions, register  # lazy: imports torch
 

@@ -290,7 +290,8 @@ class AffineStage:
     optimises; progress (and cancel) is checked at each resolution level, not each iteration, so that
     it rarely needs the lock (AffineSettings.progress_every_iteration). The stage reports progress to,
     and is stopped through, its own :class:`Progress`; :meth:`result` forwards both to the caller's.
-    Same transform as :func:`affine_registration` (tested).
+    Same transform as :func:`affine_registration` (tested). Whoever starts it stops it: use it as a
+    context manager (leaving the block stops it and waits for its thread).
     """
 
     def __init__(self, fixed: Volume, moving: Volume, fixed_mask: Volume | None = None,
@@ -325,6 +326,12 @@ class AffineStage:
             raise self._outcome["error"]  # type: ignore[misc]
         return self._outcome["transform"]  # type: ignore[return-value]
 
+    def __enter__(self) -> "AffineStage":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     @property
     def running(self) -> bool:
         """Whether the stage's thread still runs."""
@@ -341,4 +348,3 @@ class AffineStage:
         thread (it aborts: "terminate called without an active exception")."""
         self.progress.cancel()
         self._thread.join(timeout_seconds)
-

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dinoreg.core import geometry
 from dinoreg.core.filters import box_mean
