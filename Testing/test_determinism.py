@@ -105,3 +105,33 @@ def test_the_affine_stage_loads_no_torch():
     result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(REPO / "DinoRegistration"),
                                                               "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_signal_while_waiting_for_the_affine_stage_does_not_lose_its_thread():
+    """The CLI's SIGTERM handler raises inside the wait: the stage must still count as running, and
+    stop() must wait for it (``Thread.join`` interrupted this way marks a running thread as ended on
+    Python 3.11, and the process then exited with ITK running in that thread and aborted)."""
+    import signal
+
+    from dinoreg.optim.affine import AffineStage
+    from dinoreg.progress import Progress
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    fixed, moving = read_volume(DEMO / "MRBrainTumor1.nii.gz"), read_volume(DEMO / "MRBrainTumor2.nii.gz")
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        stage = AffineStage(fixed, moving)
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(Interrupted):
+            stage.result(Progress())
+        assert stage.running
+        stage.stop()
+        assert not stage.running and stage.seconds is not None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

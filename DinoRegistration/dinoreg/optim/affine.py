@@ -300,9 +300,12 @@ class AffineStage:
         self.progress = Progress()
         self.started = time.perf_counter()
         self._outcome: dict[str, object] = {}
-        self._thread = threading.Thread(target=self._run, args=(fixed, moving, fixed_mask, moving_mask, settings),
-                                        name="dinoreg-affine", daemon=True)
-        self._thread.start()
+        # waited on instead of Thread.join: a signal handler that raises inside join() (the CLI's SIGTERM)
+        # makes Python 3.11 mark a still-running thread as ended (bpo-45274's fix), and the process then
+        # exited with ITK still running in it and aborted
+        self._finished = threading.Event()
+        threading.Thread(target=self._run, args=(fixed, moving, fixed_mask, moving_mask, settings),
+                         name="dinoreg-affine", daemon=True).start()
 
     def _run(self, fixed: Volume, moving: Volume, fixed_mask: Volume | None, moving_mask: Volume | None,
              settings: AffineSettings | None) -> None:
@@ -312,15 +315,15 @@ class AffineStage:
         except BaseException as error:  # handed to the caller by result()
             self._outcome["error"] = error
         self._outcome["seconds"] = time.perf_counter() - self.started
+        self._finished.set()
 
     def result(self, progress: Progress, poll_seconds: float = 0.05) -> "Transform":
         """Wait for the stage, showing its progress in ``progress`` (whose current stage should be the
         affine one) and stopping it if ``progress`` is cancelled; its transform, or its exception."""
-        while self._thread.is_alive():
+        while not self._finished.wait(poll_seconds):
             if progress.cancel_event.is_set():
                 self.stop()
             progress.update(self.progress.stage_fraction, check=False)
-            self._thread.join(poll_seconds)
         progress.check()
         if "error" in self._outcome:
             raise self._outcome["error"]  # type: ignore[misc]
@@ -335,7 +338,7 @@ class AffineStage:
     @property
     def running(self) -> bool:
         """Whether the stage's thread still runs."""
-        return self._thread.is_alive()
+        return not self._finished.is_set()
 
     @property
     def seconds(self) -> float | None:
@@ -347,4 +350,4 @@ class AffineStage:
         next resolution level (under a second). A process must not exit while ITK still runs in the
         thread (it aborts: "terminate called without an active exception")."""
         self.progress.cancel()
-        self._thread.join(timeout_seconds)
+        self._finished.wait(timeout_seconds)
