@@ -135,3 +135,33 @@ def test_a_signal_while_waiting_for_the_affine_stage_does_not_lose_its_thread():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_affine_stage_helpers_equal_simpleitk_point_by_point_and_on_default_threads():
+    """``overlap_fraction`` (numpy) counts the same points as SimpleITK's own point mapping, and the
+    one-thread smoothing and resampling (``coarsened``) give the image of SimpleITK's default threads."""
+    import SimpleITK as sitk
+
+    from dinoreg.optim import affine
+
+    fixed, moving = read_volume(DEMO / "MRBrainTumor1.nii.gz"), read_volume(DEMO / "MRBrainTumor2.nii.gz")
+    inputs = affine.AffineInputs.of(fixed, moving)
+    fixed_image, moving_image = affine.coarsened(inputs.fixed, 3.0), affine.coarsened(inputs.moving, 3.0)
+    grid = fixed.grid.with_spacing(np.maximum(fixed.grid.spacing, 3.0))
+    sigma = [float(max(s, 1e-3)) for s in np.sqrt(np.maximum(grid.spacing ** 2 - fixed.grid.spacing ** 2, 0.0)) / 2.355]
+    default_threads = sitk.Resample(sitk.SmoothingRecursiveGaussian(inputs.fixed, sigma), grid.to_sitk_reference(),
+                                    sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fixed_image), sitk.GetArrayFromImage(default_threads))
+
+    array = sitk.GetArrayViewFromImage(fixed_image)
+    k, j, i = np.nonzero(array > np.percentile(array, 50))
+    step = max(1, len(k) // 5000)
+    size = np.array(moving_image.GetSize())
+    for transform in (affine.moments_initialisation(fixed_image, moving_image),
+                      sitk.Euler3DTransform((5.0, -3.0, 10.0), 0.3, -0.2, 0.5, (40.0, -30.0, 20.0))):
+        inside = [np.all((index >= -0.5) & (index <= size - 0.5)) for index in (
+            np.array(moving_image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(
+                fixed_image.TransformContinuousIndexToPhysicalPoint((float(a), float(b), float(c))))))
+            for a, b, c in zip(i[::step], j[::step], k[::step]))]
+        assert 0.0 < np.mean(inside) <= 1.0
+        assert affine.overlap_fraction(fixed_image, moving_image, transform) == pytest.approx(np.mean(inside), abs=1e-12)

@@ -57,3 +57,32 @@ def test_wrong_shapes_and_settings_are_refused():
         box_mean(torch.zeros(1, 1, 4, 5, 6), 1, border="wrap")
     with pytest.raises(ValueError, match="radius"):
         box_mean(torch.zeros(1, 1, 4, 5, 6), (1, 2))
+
+
+@pytest.mark.parametrize("border", ["exclude", "replicate"])
+@pytest.mark.parametrize("radius", [1, 2, (3, 0, 1), (5, 1, 2)])
+def test_the_same_values_to_the_bit_as_padding_then_summing_the_windows(border, radius):
+    """The box sums are slab additions into the result, in the order of the windows' voxels: the values
+    of padding the volume (zeros or edge voxels) and adding its 2r + 1 shifted views, exactly (float32)."""
+    x = volume((1, 12, 7, 9, 4)).float()
+    radii = (radius,) * 3 if isinstance(radius, int) else radius
+    expected = x
+    for axis, r in zip((2, 3, 4), radii):
+        if r == 0:
+            continue
+        padding = [0] * 6
+        padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = r
+        padded = F.pad(expected, padding, mode="replicate" if border == "replicate" else "constant")
+        length = expected.shape[axis]
+        total = padded.narrow(axis, 0, length).clone()
+        for shift in range(1, 2 * r + 1):
+            total += padded.narrow(axis, shift, length)
+        if border == "replicate":
+            expected = total / (2 * r + 1)
+        else:
+            ones = F.pad(torch.ones(length), [r, r])
+            count = sum(ones[shift:shift + length] for shift in range(2 * r + 1))
+            shape = [1] * 5
+            shape[axis] = length
+            expected = total / count.view(shape)
+    assert torch.equal(box_mean(x, radius, border=border), expected)

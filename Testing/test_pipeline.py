@@ -200,3 +200,22 @@ def test_a_non_finite_transform_is_never_returned(brain_scan_2mm, monkeypatch):
     monkeypatch.setattr(IdentityMethod, "run", lambda self, problem, initial: Transform([AffineMap(np.full((3, 3), np.nan))]))
     with pytest.raises(RegistrationFailed, match="non-finite"):
         register(image, image, RegistrationOptions(method="identity"))
+
+
+def test_a_failing_prepare_changes_nothing(brain_scan_2mm, monkeypatch):
+    """The pipeline runs ``method.prepare`` ahead (while the affine stage runs): an error there only drops
+    the prepared values, and ``run`` computes them itself (and reports its own errors as usual)."""
+    from dinoreg.methods.zeroshot import MindZeroShot
+
+    fixed, _ = brain_scan_2mm
+    moving = fixed.with_array(np.roll(fixed.array, 2, axis=0))
+    options = RegistrationOptions(method="mind-zeroshot", params={"adam_iterations": 3, "refine_iterations": 2},
+                                  use_affine=False, compute_inverse=False, compute_jacobian=False)
+    expected = register(fixed, moving, options).transform.dense.displacement
+
+    def half_done(self, problem):
+        problem.prepared["half"] = "done"
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(MindZeroShot, "prepare", half_done)
+    np.testing.assert_array_equal(register(fixed, moving, options).transform.dense.displacement, expected)

@@ -416,3 +416,29 @@ def test_sample_table_matches_grid_sample_values_gradients_and_border():
             beyond = (positions[:, axis] < 0) | (positions[:, axis] > extent[axis])
             assert torch.all(ours_positions.grad[beyond, axis] == 0)
         assert outside.sum() > 50
+
+
+@pytest.mark.parametrize("overrides", [
+    {"adam_iterations": 4, "refine_iterations": 2},  # MIND on the working grid, NCC refinement on its own grid
+    {"adam_iterations": 4, "refine_iterations": 2, "refine_similarity": "mind", "inverse_consistent": True},
+])
+def test_the_prepared_fixed_image_gives_the_same_transform(brain_scan_2mm, overrides):
+    """``prepare`` (run by the pipeline while the affine stage runs in the background) computes ahead
+    only what ``run`` computes itself: the same transform to the bit, here with a mask on each image
+    (their normalisation rule) and both grids prepared. Each prepared value is taken once."""
+    fixed, _ = brain_scan_2mm
+    moving = fixed.with_array(np.roll(fixed.array, (1, -2, 2), axis=(0, 1, 2)) * 1.3 + 5.0)
+    fixed_mask = fixed.with_array((fixed.array > np.percentile(fixed.array, 40)).astype(np.uint8))
+    moving_mask = moving.with_array((moving.array > np.percentile(moving.array, 40)).astype(np.uint8))
+    method = zeroshot.MindZeroShot()
+    params = method.parameters(overrides=overrides)
+    results = []
+    for prepared in (False, True):
+        problem = RegistrationProblem(fixed, moving, fixed_mask, moving_mask, params=params)
+        if prepared:
+            method.prepare(problem)
+            assert len(problem.prepared) == 2  # the working grid and the refinement's
+        results.append(method.run(problem, Transform()))
+        assert problem.prepared == {}
+    np.testing.assert_array_equal(results[0].dense.displacement, results[1].dense.displacement)
+    assert results[0].dense.grid.same_as(results[1].dense.grid)

@@ -139,6 +139,11 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     initial = Transform()
     if use_affine:
         progress.stage("affine")
+    # First the work that needs no transform: while the affine stage runs in the background (the
+    # command line's), it fills the wait for it
+    before = BeforeRegistration.of(fixed, moving, fixed_mask)
+    prepare(method, problem)
+    if use_affine:
         try:
             if affine_stage is not None:
                 initial = affine_stage.result(progress)
@@ -161,7 +166,6 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     to_warp = [(moving, "linear")] + ([(moving_labels, "nearest")] if moving_labels is not None else [])
     warped, *warped_rest = warp_volumes(to_warp, transform, fixed.grid, device, mapped=mapped)
     warped_labels = warped_rest[0] if warped_rest else None
-    moving_on_fixed_grid = resample_without_transform(moving, fixed.grid, "linear")
     progress.update(1.0)
 
     inverse, inverse_residual = None, None
@@ -174,11 +178,11 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
         jacobian = fixed.with_array(transform_jacobian(transform, fixed.grid, device, mapped=mapped))
     del mapped
 
-    intensities = NormalisedIntensities.of(fixed, moving, warped, moving_on_fixed_grid)
-    heatmap, heatmap_before = intensities.difference_maps(fixed)
+    warped_normalised = normalise(warped.array, before.moving_range)
+    heatmap = fixed.with_array(absolute_difference(before.fixed_normalised, warped_normalised))
     progress.finish()
     report = build_report(method_name, options, params, device, use_affine, progress, started, fixed, moving,
-                          intensities, fixed_mask, jacobian, transform)
+                          before, warped_normalised, jacobian, transform)
     if inverse_residual is not None:
         report["inverse_residual_voxels_p99"] = round(inverse_residual, 4)
     if fixed_labels is not None and moving_labels is not None:
@@ -188,8 +192,8 @@ def register(fixed: Volume, moving: Volume, options: RegistrationOptions | None 
     if use_affine and affine_stage is not None:  # "affine" in seconds_per_stage was the wait for it
         report["affine_stage_seconds_in_background"] = round(affine_stage.seconds or 0.0, 3)
     report["warnings"] = input_warnings({"fixed image": fixed, "moving image": moving}) + result_warnings(report)
-    return RegistrationResult(fixed, transform, inverse, warped, moving_on_fixed_grid, heatmap, heatmap_before, jacobian,
-                              warped_labels, report)
+    return RegistrationResult(fixed, transform, inverse, warped, before.moving_on_fixed_grid, heatmap, before.heatmap,
+                              jacobian, warped_labels, report)
 
 
 #: fixed grids up to this many voxels keep their mapped points (12 bytes a voxel) between warping and Jacobian
@@ -232,6 +236,16 @@ def too_small(error: RuntimeError, stage: str, fixed: Volume, fix: str) -> Excep
     return RegistrationFailed(f"{stage} cannot work on images this small ({fixed.grid.describe()}; {detail}): {fix}")
 
 
+def prepare(method: Method, problem: RegistrationProblem) -> None:
+    """``method.prepare(problem)``, if it succeeds: it only computes ahead what ``run`` would compute itself,
+    so on any error the prepared values are dropped and ``run`` redoes the work (and reports the error in the
+    pipeline's usual way); a cancel (``Cancelled``, ``KeyboardInterrupt``) is not an error and goes through."""
+    try:
+        method.prepare(problem)
+    except Exception:
+        problem.prepared.clear()
+
+
 def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial: Transform) -> tuple[Transform, torch.device]:
     """``method.run``; when the GPU runs out of memory, the same run on the CPU (with a warning).
 
@@ -246,33 +260,37 @@ def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial:
     warnings.warn(f"{method.name}: out of GPU memory; continuing on the CPU (slower). Use a smaller preset or "
                   "--device cpu to avoid the retry", RuntimeWarning, stacklevel=2)
     problem.device = torch.device("cpu")
+    problem.prepared.clear()  # on the GPU
     problem.progress.stage(problem.progress.stage_name)
     return method.run(problem, initial), problem.device
 
 
 @dataclass
-class NormalisedIntensities:
-    """Fixed, warped and unregistered moving on the fixed grid, robustly normalised to [0, 1] once
-    for the difference maps and the report's similarities (float32 arrays [k, j, i]).
+class BeforeRegistration:
+    """The pair before registration, on the fixed grid: the unregistered moving image, both images
+    robustly normalised to [0, 1] (float32 arrays [k, j, i]) and the heatmap before. Needs no transform.
 
-    Fixed uses its own 1-99 % foreground percentiles; warped and unregistered moving both use the
-    ORIGINAL moving's percentiles, so before and after are directly comparable.
+    Fixed uses its own 1-99 % foreground percentiles; the unregistered moving (and the warped one,
+    later) uses the ORIGINAL moving's (``moving_range``), so before and after are directly comparable.
+    ``mask``: where the report's similarities are measured (the fixed mask, or the fixed foreground).
     """
 
-    fixed: np.ndarray
-    warped: np.ndarray
-    unregistered: np.ndarray
+    moving_on_fixed_grid: Volume
+    fixed_normalised: np.ndarray
+    moving_normalised: np.ndarray
+    moving_range: tuple[float, float]
+    heatmap: Volume
+    mask: np.ndarray
 
     @staticmethod
-    def of(fixed: Volume, moving: Volume, warped: Volume, moving_on_fixed_grid: Volume) -> "NormalisedIntensities":
+    def of(fixed: Volume, moving: Volume, fixed_mask: Volume | None) -> "BeforeRegistration":
+        moving_on_fixed_grid = resample_without_transform(moving, fixed.grid, "linear")
         moving_range = robust_range(moving.array)
-        return NormalisedIntensities(normalise(fixed.array, robust_range(fixed.array)),
-                                     normalise(warped.array, moving_range), normalise(moving_on_fixed_grid.array, moving_range))
-
-    def difference_maps(self, fixed: Volume) -> tuple[Volume, Volume]:
-        """|fixed - warped| and |fixed - unregistered moving| (the heatmaps after and before), on the fixed grid."""
-        return fixed.with_array(absolute_difference(self.fixed, self.warped)), \
-            fixed.with_array(absolute_difference(self.fixed, self.unregistered))
+        fixed_normalised = normalise(fixed.array, robust_range(fixed.array))
+        moving_normalised = normalise(moving_on_fixed_grid.array, moving_range)
+        heatmap = fixed.with_array(absolute_difference(fixed_normalised, moving_normalised))
+        mask = fixed_mask.array.astype(bool) if fixed_mask is not None else foreground(fixed.array)
+        return BeforeRegistration(moving_on_fixed_grid, fixed_normalised, moving_normalised, moving_range, heatmap, mask)
 
 
 def absolute_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -301,9 +319,8 @@ def label_scores(fixed_labels: Volume, warped_labels: Volume, unregistered: Volu
 
 def build_report(method_name: str, options: RegistrationOptions, params: dict[str, Any], device: torch.device,
                  use_affine: bool, progress: Progress, started: float, fixed: Volume, moving: Volume,
-                 intensities: NormalisedIntensities, fixed_mask: Volume | None, jacobian: Volume | None,
+                 before: BeforeRegistration, warped_normalised: np.ndarray, jacobian: Volume | None,
                  transform: Transform) -> dict[str, Any]:
-    mask = fixed_mask.array.astype(bool) if fixed_mask is not None else foreground(fixed.array)
     report: dict[str, Any] = {
         "dinoreg_version": __version__,
         "method": method_name,
@@ -315,8 +332,8 @@ def build_report(method_name: str, options: RegistrationOptions, params: dict[st
         "seconds_total": round(time.perf_counter() - started, 3),
         "peak_ram_mb": round(peak_rss_mb() or 0.0, 1) or None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "similarity_before": similarity(intensities.fixed, intensities.unregistered, mask),
-        "similarity_after": similarity(intensities.fixed, intensities.warped, mask),
+        "similarity_before": similarity(before.fixed_normalised, before.moving_normalised, before.mask),
+        "similarity_after": similarity(before.fixed_normalised, warped_normalised, before.mask),
         "fixed_grid": fixed.grid.describe(),
         "moving_grid": moving.grid.describe(),
         "transform_steps": [type(step).__name__ for step in transform.steps],

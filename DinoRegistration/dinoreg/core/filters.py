@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 #: how a window reaching past the volume is averaged
 BORDERS = ("exclude", "replicate")
@@ -46,8 +45,7 @@ def _box_mean_along(volume: torch.Tensor, axis: int, radius: int, border: str) -
     """The 1-D box mean of half-width ``radius`` along tensor ``axis`` (2, 3 or 4)."""
     if border == "exclude":
         return _ExcludeBorderBoxMean.apply(volume, axis, radius)
-    padded = F.pad(volume, _padding(axis, radius), mode="replicate")
-    return _shifted_sum(padded, axis, radius, volume.shape[axis]) / (2 * radius + 1)
+    return _window_sum(volume, axis, radius, replicate=True).div_(2 * radius + 1)
 
 
 class _ExcludeBorderBoxMean(torch.autograd.Function):
@@ -68,24 +66,41 @@ class _ExcludeBorderBoxMean(torch.autograd.Function):
         return _box_sum(gradient / count, ctx.axis, ctx.radius), None, None
 
 
-def _padding(axis: int, radius: int) -> list[int]:
-    """``F.pad``'s list (last axis first) padding tensor ``axis`` by ``radius`` on both sides."""
-    padding = [0] * 6
-    padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = radius
-    return padding
+def _window_sum(volume: torch.Tensor, axis: int, radius: int, replicate: bool = False) -> torch.Tensor:
+    """``sum over d = -radius..radius of x[i + d]`` along tensor ``axis``, added in that order; a
+    neighbour outside the volume counts as 0, or as the edge voxel when ``replicate``.
 
-
-def _shifted_sum(padded: torch.Tensor, axis: int, radius: int, length: int) -> torch.Tensor:
-    """The sum of the ``2 * radius + 1`` windows of ``length`` along ``axis`` of a padded volume."""
-    total = padded.narrow(axis, 0, length).clone()
-    for shift in range(1, 2 * radius + 1):
-        total.add_(padded.narrow(axis, shift, length))
+    Written as slab additions into the result instead of padding the volume first (``F.pad``):
+    the same additions in the same order, so the same values to the bit, without the padded copy
+    (MIND-SSC's 12-channel patch distances: 3 pads of 80 MB on the brain pairs' working grid).
+    """
+    length = volume.shape[axis]
+    total = torch.empty_like(volume) if replicate else torch.zeros_like(volume)
+    for offset in range(-radius, radius + 1):
+        first = replicate and offset == -radius  # written, not added: the replicated sum has no zero start
+        inside = length - abs(offset)  # voxels whose neighbour at this offset lies in the volume
+        if inside > 0:
+            target = total.narrow(axis, max(0, -offset), inside)
+            source = volume.narrow(axis, max(0, offset), inside)
+            _accumulate(target, source, first)
+        if replicate and offset != 0:  # the rest see the edge voxel on their side
+            outside = min(abs(offset), length)
+            target = total.narrow(axis, 0 if offset < 0 else length - outside, outside)
+            edge = volume.narrow(axis, 0 if offset < 0 else length - 1, 1).expand_as(target)
+            _accumulate(target, edge, first)
     return total
+
+
+def _accumulate(target: torch.Tensor, values: torch.Tensor, first: bool) -> None:
+    if first:
+        target.copy_(values)
+    else:
+        target.add_(values)
 
 
 def _box_sum(volume: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     """Sum over the box along ``axis``, zero outside the volume."""
-    return _shifted_sum(F.pad(volume, _padding(axis, radius)), axis, radius, volume.shape[axis])
+    return _window_sum(volume, axis, radius)
 
 
 def _inside_count(volume: torch.Tensor, axis: int, radius: int) -> torch.Tensor:

@@ -102,7 +102,12 @@ def mind_ssc(image: torch.Tensor, mask: torch.Tensor | None = None, radius: int 
         torch.sub(shifted(a), shifted(b), out=distance[:, channel:channel + 1]).square_()
     del padded
     distance = box_mean(distance, radii, border="replicate")
-    distance.sub_(distance.min(dim=1, keepdim=True).values)
+    # the channel minimum as a running minimum of the 12 channel planes: the same values, 3x faster on the
+    # CPU than a reduction across the (non-contiguous) channel axis
+    lowest = distance[:, 0:1].clone()
+    for channel in range(1, MIND_CHANNELS):
+        torch.minimum(lowest, distance[:, channel:channel + 1], out=lowest)
+    distance.sub_(lowest)
     variance = distance.mean(dim=1, keepdim=True)
     mean_variance = float(variance.mean())
     if mean_variance <= 0.0:  # a constant image: every descriptor is exp(0)

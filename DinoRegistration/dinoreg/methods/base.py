@@ -42,6 +42,9 @@ class RegistrationProblem:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     params: dict[str, Any] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
+    #: what the method's :meth:`Method.prepare` computed from the fixed image alone, by a key of the
+    #: method's choosing; ``run`` takes (pops) each value it uses, and computes it itself when absent
+    prepared: dict[Any, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -78,6 +81,13 @@ class Method:
                 raise InputError(f"unknown parameter '{key}' for method {self.name}: known parameters are {sorted(params)}")
             params[key] = coerce_like(params[key], value, key)
         return params
+
+    def prepare(self, problem: RegistrationProblem) -> None:
+        """Optional: work that needs the fixed image (and masks) only, stored in ``problem.prepared``.
+
+        The pipeline calls it while the affine stage runs in the background, so that this work fills
+        the wait. ``run`` must return the same transform whether or not ``prepare`` ran before it.
+        """
 
     def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
         raise NotImplementedError
@@ -162,25 +172,37 @@ def working_grid(fixed_grid: Grid, spacing_mm: float) -> Grid:
 def prepare_working_pair(problem: RegistrationProblem, initial: Transform, spacing_mm: float) -> WorkingPair:
     """Resample fixed (identity) and moving (through ``initial``) onto the working grid."""
     grid = working_grid(problem.fixed.grid, spacing_mm)
-    device = problem.device
+    fixed, fixed_mask = fixed_on_grid(problem, grid)
+    moving, moving_mask = moving_on_grid(problem, initial, grid)
+    return WorkingPair(grid=grid, fixed=fixed, moving=moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
 
-    def to_tensor(volume: Volume | None, transform: Transform, mode: str, outside: float = 0.0) -> torch.Tensor | None:
-        if volume is None:
-            return None
-        resampled = warp_volume(volume.with_array(volume.array.astype(np.float32)), transform, grid, mode, device,
-                                default_value=outside)
-        return torch.from_numpy(resampled.array).to(device)[None, None]
 
+def fixed_on_grid(problem: RegistrationProblem, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed image and its mask (or None) resampled onto ``grid``: ``(1, 1, K, J, I)`` float32 on the problem's device."""
     identity = Transform()
-    # Outside its field of view an image is filled with its own minimum (air, background), not 0:
-    # for a CT in HU, 0 is water, and uncovered slices would look like uniform soft tissue.
-    return WorkingPair(
-        grid=grid,
-        fixed=to_tensor(problem.fixed, identity, "linear", float(problem.fixed.array.min())),
-        moving=to_tensor(problem.moving, initial, "linear", float(problem.moving.array.min())),
-        fixed_mask=to_tensor(problem.fixed_mask, identity, "nearest"),
-        moving_mask=to_tensor(problem.moving_mask, initial, "nearest"),
-    )
+    return (volume_on_grid(problem.fixed, identity, grid, "linear", problem.device, float(problem.fixed.array.min())),
+            volume_on_grid(problem.fixed_mask, identity, grid, "nearest", problem.device))
+
+
+def moving_on_grid(problem: RegistrationProblem, initial: Transform, grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The moving image and its mask (or None) resampled through ``initial`` onto ``grid`` (as :func:`fixed_on_grid`)."""
+    return (volume_on_grid(problem.moving, initial, grid, "linear", problem.device, float(problem.moving.array.min())),
+            volume_on_grid(problem.moving_mask, initial, grid, "nearest", problem.device))
+
+
+def volume_on_grid(volume: Volume | None, transform: Transform, grid: Grid, mode: str, device: torch.device,
+                   outside: float = 0.0) -> torch.Tensor | None:
+    """``volume`` sampled at ``transform(x)`` for every voxel x of ``grid``: ``(1, 1, K, J, I)`` float32 on ``device``.
+
+    ``outside``: the value where ``transform(x)`` leaves the volume. Images are filled with their own
+    minimum there (air, background), not 0: for a CT in HU, 0 is water, and uncovered slices would
+    look like uniform soft tissue.
+    """
+    if volume is None:
+        return None
+    resampled = warp_volume(volume.with_array(volume.array.astype(np.float32)), transform, grid, mode, device,
+                            default_value=outside)
+    return torch.from_numpy(resampled.array).to(device)[None, None]
 
 
 def dense_result(voxel_displacement: torch.Tensor, pair: WorkingPair, problem: RegistrationProblem,

@@ -14,9 +14,9 @@ image pre-aligned by the affine stage, and returns ``Transform([dense field, *in
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,8 +28,9 @@ from dinoreg.features.dino import dino_feature_pair
 from dinoreg.core.intensity import robust_normalise
 from dinoreg.features.dino.params import DEFAULT_PARAMS as DINO_DEFAULTS
 from dinoreg.features.mind import mind_ssc
-from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result,
-                                  prepare_working_pair, register_method)
+from dinoreg.core.volume import Grid
+from dinoreg.methods.base import (Availability, Method, RegistrationProblem, WorkingPair, dense_result, fixed_on_grid,
+                                  moving_on_grid, register_method, working_grid)
 from dinoreg.optim.convex_adam import STAGE_ADAM, STAGE_SEARCH, ConvexAdamSettings, convex_adam, make_inverse_consistent
 from dinoreg.optim.refine import STAGE_REFINE, RefineSettings, fine_spacing_for_budget, refine
 
@@ -119,16 +120,61 @@ def _presets(defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "accurate": dict(ACCURATE)}
 
 
+@dataclass
+class ImageOnGrid:
+    """One image of the pair on a working grid, as the zero-shot pipeline uses it (tensors ``(1, C, K, J, I)``)."""
+
+    image: torch.Tensor
+    """intensities as resampled (C = 1)"""
+    mask: torch.Tensor | None
+    """the user's mask resampled, float {0, 1}, or None"""
+    normalised: torch.Tensor
+    """intensities robustly normalised to [0, 1] (:func:`robust_normalise`)"""
+    region: torch.Tensor
+    """where its data term counts: the mask, or the voxels above the image minimum, dilated by ``foreground_margin_mm``"""
+    mind: torch.Tensor | None = None
+    """MIND-SSC of ``normalised`` (C = 12), when asked for"""
+
+    @classmethod
+    def of(cls, image: torch.Tensor, mask: torch.Tensor | None, grid: Grid, params: dict[str, Any],
+           normalise_in_mask: bool, with_mind: bool) -> "ImageOnGrid":
+        """``normalise_in_mask``: percentiles over the mask (only when BOTH images have one, see
+        :func:`normalisation_masks`), else over the voxels above the image minimum."""
+        low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
+        normalised = robust_normalise(image, mask if normalise_in_mask else None, low, high)
+        region = foreground_region(image, mask, grid.spacing, float(params["foreground_margin_mm"]))
+        mind = None
+        if with_mind:
+            mind = mind_ssc(normalised, mask, int(params["mind_radius"]), int(params["mind_dilation"]), grid.spacing)
+        return cls(image, mask, normalised, region, mind)
+
+
 class ZeroShotMethod(Method):
     """Shared pipeline of the zero-shot methods; subclasses say which features to compute."""
 
     kind = "zero-shot"
     stage_weights = STAGE_WEIGHTS
+    #: the features include MIND-SSC, computed per image (so the fixed image's can be prepared)
+    mind_features = False
 
-    def features(self, pair: WorkingPair, fixed: torch.Tensor, moving: torch.Tensor, foreground: torch.Tensor,
-                 params: dict[str, Any], problem: RegistrationProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature volumes ``(1, C, K, J, I)`` of the normalised images, each group at unit total variance."""
+    def features(self, pair: WorkingPair, fixed: ImageOnGrid, moving: ImageOnGrid, params: dict[str, Any],
+                 problem: RegistrationProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature volumes ``(1, C, K, J, I)`` of the two images on ``pair``'s grid, each group at unit total variance."""
         raise NotImplementedError
+
+    def prepare(self, problem: RegistrationProblem) -> None:
+        """The fixed image on the working grid and, when the refinement runs, on its grid: resampled,
+        normalised, its region and (for MIND features) its MIND-SSC. None of it needs the affine transform."""
+        params = self.parameters(overrides=problem.params)
+        grids = [(working_spacing(params), self.mind_features)]
+        fine_spacing = refine_spacing(problem, params)
+        if fine_spacing is not None:
+            grids.append((fine_spacing, str(params["refine_similarity"]) == "mind"))
+        with torch.no_grad():
+            for spacing_mm, with_mind in grids:
+                grid = working_grid(problem.fixed.grid, spacing_mm)
+                problem.prepared[("fixed on grid", spacing_mm, with_mind)] = fixed_image_on_grid(problem, params, grid,
+                                                                                                with_mind)
 
     def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
         """Both directions when ``inverse_consistent`` (see :meth:`symmetrised`), else fixed -> moving only."""
@@ -140,15 +186,13 @@ class ZeroShotMethod(Method):
             settings = dataclasses.replace(settings, inverse_consistent=False)
             progress.plan({**progress.weights, STAGE_REVERSE: sum(progress.weights.get(name, 0.0)
                                                                   for name in (STAGE_SEARCH, STAGE_ADAM, STAGE_REFINE))})
-        spacing_mm = float(params["working_spacing_mm"])
-        if spacing_mm < 0:
-            raise InputError(f"working_spacing_mm must be >= 0 (got {spacing_mm}): e.g. working_spacing_mm=2")
+        spacing_mm = working_spacing(params)
         progress.stage(STAGE_RESAMPLE)
         with torch.no_grad():
-            pair = prepare_working_pair(problem, initial, spacing_mm)
-            fixed, moving, foreground, moving_foreground = normalised_pair(pair, params)
+            pair, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm, self.mind_features)
             progress.stage(STAGE_FEATURES)
-            fixed_features, moving_features = self.features(pair, fixed, moving, foreground, params, problem)
+            fixed_features, moving_features = self.features(pair, fixed, moving, params, problem)
+            foreground, moving_foreground = fixed.region, moving.region
             del fixed, moving
         fields = [convex_adam(fixed_features, moving_features, settings, spacing=pair.grid.spacing, mask=foreground,
                               progress=progress, moving_mask=moving_foreground)]
@@ -173,49 +217,87 @@ class ZeroShotMethod(Method):
     def refine_stage(self, problem: RegistrationProblem, initial: Transform, params: dict[str, Any],
                      fields: list[torch.Tensor], pair: WorkingPair) -> tuple[list[torch.Tensor], WorkingPair]:
         """The fine refinement (``optim/refine.py``) of ``fields`` (fixed -> moving, then, if given, moving ->
-        fixed: the roles of the images swapped) on a grid of ``refine_spacing_mm`` (coarsened to fit
-        ``refine_memory_mb``) when that grid is finer than ConvexAdam's Adam lattice; otherwise the inputs."""
-        settings = RefineSettings(
-            iterations=int(params["refine_iterations"]), learning_rate=float(params["refine_learning_rate"]),
-            similarity=str(params["refine_similarity"]), ncc_radius=int(params["refine_ncc_radius"]),
-            regularisation=float(params["refine_regularisation"]),
-            smoothing_passes=int(params["refine_smoothing_passes"]),
-            integration_steps=int(params["refine_integration_steps"]), memory_mb=float(params["refine_memory_mb"]))
-        settings.validate()
-        requested = float(params["refine_spacing_mm"])
-        if requested <= 0 or settings.iterations == 0:
+        fixed: the roles of the images swapped) on the grid of :func:`refine_spacing`; without one, the inputs."""
+        spacing_mm = refine_spacing(problem, params)
+        if spacing_mm is None:
             return fields, pair
-        fixed_grid = problem.fixed.grid
-        spacing_mm = fine_spacing_for_budget(requested, fixed_grid.spacing, fixed_grid.size, settings.memory_mb)
-        # the ConvexAdam field lives on every adam_level-th working voxel: refine only finer than that
-        if spacing_mm >= 0.99 * float(min(pair.grid.spacing)) * int(params["adam_level"]):
-            return fields, pair
+        settings = refine_settings(params)
         problem.progress.stage(STAGE_REFINE)
         with torch.no_grad():
-            fine = prepare_working_pair(problem, initial, spacing_mm)
-            fixed, moving, foreground, moving_foreground = normalised_pair(fine, params)
+            fine, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm, settings.similarity == "mind")
             if settings.similarity == "mind":
-                fixed, moving = normalise_group(*mind_pair(fixed, moving, fine, params), foreground)
+                fixed_input, moving_input = normalise_group(fixed.mind, moving.mind, fixed.region)
+            else:
+                fixed_input, moving_input = fixed.normalised, moving.normalised
             # the working grid and the fine grid cover the same box with the same corner voxels
             starts = [geometry.resize_field(field, fine.fixed.shape[2:]) for field in fields]
-        refined = [refine(fixed, moving, starts[0], settings, fine.grid.spacing, foreground, problem.progress).detach()]
+        refined = [refine(fixed_input, moving_input, starts[0], settings, fine.grid.spacing, fixed.region,
+                          problem.progress).detach()]
         if len(starts) == 2:
             problem.progress.stage(STAGE_REFINE)
-            refined.append(refine(moving, fixed, starts[1], settings, fine.grid.spacing, moving_foreground,
+            refined.append(refine(moving_input, fixed_input, starts[1], settings, fine.grid.spacing, moving.region,
                                   problem.progress).detach())
         return refined, fine
 
 
-def normalised_pair(pair: WorkingPair, params: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """Both images of ``pair`` robustly normalised to [0, 1] (one rule, :func:`normalisation_masks`) and each
-    one's foreground dilated by ``foreground_margin_mm``: ``(fixed, moving, fixed region, moving region)``,
-    each ``(1, 1, K, J, I)`` on the pair's grid."""
-    low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
-    fixed_region, moving_region = normalisation_masks(pair)
-    margin_mm = float(params["foreground_margin_mm"])
-    return (robust_normalise(pair.fixed, fixed_region, low, high), robust_normalise(pair.moving, moving_region, low, high),
-            foreground_region(pair.fixed, pair.fixed_mask, pair.grid.spacing, margin_mm),
-            foreground_region(pair.moving, pair.moving_mask, pair.grid.spacing, margin_mm))
+def working_spacing(params: dict[str, Any]) -> float:
+    """``working_spacing_mm`` (checked: >= 0; 0 = the fixed image's own spacing)."""
+    spacing_mm = float(params["working_spacing_mm"])
+    if spacing_mm < 0:
+        raise InputError(f"working_spacing_mm must be >= 0 (got {spacing_mm}): e.g. working_spacing_mm=2")
+    return spacing_mm
+
+
+def refine_settings(params: dict[str, Any]) -> RefineSettings:
+    """The refinement's settings from the method's parameters (checked)."""
+    settings = RefineSettings(
+        iterations=int(params["refine_iterations"]), learning_rate=float(params["refine_learning_rate"]),
+        similarity=str(params["refine_similarity"]), ncc_radius=int(params["refine_ncc_radius"]),
+        regularisation=float(params["refine_regularisation"]),
+        smoothing_passes=int(params["refine_smoothing_passes"]),
+        integration_steps=int(params["refine_integration_steps"]), memory_mb=float(params["refine_memory_mb"]))
+    settings.validate()
+    return settings
+
+
+def refine_spacing(problem: RegistrationProblem, params: dict[str, Any]) -> float | None:
+    """The refinement grid's spacing (mm): ``refine_spacing_mm``, coarsened to fit ``refine_memory_mb``; None
+    when the refinement is off or would not be finer than ConvexAdam's Adam lattice (every ``adam_level``-th
+    voxel of the working grid), where it adds nothing."""
+    settings = refine_settings(params)
+    requested = float(params["refine_spacing_mm"])
+    if requested <= 0 or settings.iterations == 0:
+        return None
+    fixed_grid = problem.fixed.grid
+    spacing_mm = fine_spacing_for_budget(requested, fixed_grid.spacing, fixed_grid.size, settings.memory_mb)
+    lattice_mm = float(min(working_grid(fixed_grid, working_spacing(params)).spacing)) * int(params["adam_level"])
+    return None if spacing_mm >= 0.99 * lattice_mm else spacing_mm
+
+
+def fixed_image_on_grid(problem: RegistrationProblem, params: dict[str, Any], grid: Grid, with_mind: bool) -> ImageOnGrid:
+    """The fixed image as :class:`ImageOnGrid` on ``grid`` (no transform needed: see ``ZeroShotMethod.prepare``)."""
+    image, mask = fixed_on_grid(problem, grid)
+    return ImageOnGrid.of(image, mask, grid, params, both_masked(problem), with_mind)
+
+
+def pair_on_grid(problem: RegistrationProblem, initial: Transform, params: dict[str, Any], spacing_mm: float,
+                 with_mind: bool) -> tuple[WorkingPair, ImageOnGrid, ImageOnGrid]:
+    """Fixed and pre-aligned moving on the grid of ``spacing_mm`` (:func:`working_grid`): the raw pair and each
+    image as :class:`ImageOnGrid`. The fixed one is taken from ``problem.prepared`` when prepared there."""
+    grid = working_grid(problem.fixed.grid, spacing_mm)
+    fixed = problem.prepared.pop(("fixed on grid", spacing_mm, with_mind), None)
+    if fixed is None:
+        fixed = fixed_image_on_grid(problem, params, grid, with_mind)
+    image, mask = moving_on_grid(problem, initial, grid)
+    moving = ImageOnGrid.of(image, mask, grid, params, both_masked(problem), with_mind)
+    pair = WorkingPair(grid=grid, fixed=fixed.image, moving=moving.image, fixed_mask=fixed.mask, moving_mask=moving.mask)
+    return pair, fixed, moving
+
+
+def both_masked(problem: RegistrationProblem) -> bool:
+    """Whether both images have a mask: then, and only then, each is normalised within its mask
+    (:func:`normalisation_masks`)."""
+    return problem.fixed_mask is not None and problem.moving_mask is not None
 
 
 def normalisation_masks(pair: WorkingPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -265,15 +347,6 @@ def normalise_group(fixed: torch.Tensor, moving: torch.Tensor, region: torch.Ten
     return fixed.sub_(mean).mul_(scale), moving.sub_(mean).mul_(scale)
 
 
-def mind_pair(fixed: torch.Tensor, moving: torch.Tensor, pair: WorkingPair,
-              params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MIND-SSC of both normalised images on the working grid."""
-    radius, dilation = int(params["mind_radius"]), int(params["mind_dilation"])
-    spacing = pair.grid.spacing
-    return (mind_ssc(fixed, pair.fixed_mask, radius, dilation, spacing),
-            mind_ssc(moving, pair.moving_mask, radius, dilation, spacing))
-
-
 def dino_module_availability(model: str) -> Availability:
     """Whether the DINO feature backend imports and has weights for ``model`` (never raises)."""
     try:
@@ -304,13 +377,13 @@ class MindZeroShot(ZeroShotMethod):
     label, rank = "MIND zero-shot", 30
     summary = "MIND-SSC features + ConvexAdam (convex search, then Adam); no model needed, any modality"
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS})
+    mind_features = True
 
     def availability(self, params: dict[str, Any] | None = None) -> Availability:
         return Availability(True)
 
-    def features(self, pair, fixed, moving, foreground, params, problem):
-        fixed_mind, moving_mind = mind_pair(fixed, moving, pair, params)
-        return normalise_group(fixed_mind, moving_mind, foreground)
+    def features(self, pair, fixed, moving, params, problem):
+        return normalise_group(fixed.mind, moving.mind, fixed.region)
 
 
 @register_method
@@ -324,9 +397,9 @@ class DinoZeroShot(ZeroShotMethod):
     def availability(self, params: dict[str, Any] | None = None) -> Availability:
         return dino_module_availability(str((params or self.parameters())["model"]))
 
-    def features(self, pair, fixed, moving, foreground, params, problem):
+    def features(self, pair, fixed, moving, params, problem):
         fixed_dino, moving_dino = dino_pair(pair, params, problem)
-        return normalise_group(fixed_dino, moving_dino, foreground)
+        return normalise_group(fixed_dino, moving_dino, fixed.region)
 
 
 @register_method
@@ -337,13 +410,13 @@ class DinoMind(DinoZeroShot):
     label, rank = "DINO + MIND zero-shot", 10
     summary = "DINO + MIND-SSC features concatenated (each group normalised) + ConvexAdam; needs model weights"
     presets = _presets({**COMMON_DEFAULTS, **MIND_DEFAULTS, **DINO_DEFAULTS, "mind_weight": 0.5})
+    mind_features = True
 
-    def features(self, pair, fixed, moving, foreground, params, problem):
+    def features(self, pair, fixed, moving, params, problem):
         weight = float(params["mind_weight"])
         if not 0.0 <= weight <= 1.0:
             raise InputError(f"mind_weight must be between 0 and 1 (got {weight}): e.g. mind_weight=0.5")
         fixed_dino, moving_dino = dino_pair(pair, params, problem)
-        fixed_dino, moving_dino = normalise_group(fixed_dino, moving_dino, foreground, 1.0 - weight)
-        fixed_mind, moving_mind = mind_pair(fixed, moving, pair, params)
-        fixed_mind, moving_mind = normalise_group(fixed_mind, moving_mind, foreground, weight)
+        fixed_dino, moving_dino = normalise_group(fixed_dino, moving_dino, fixed.region, 1.0 - weight)
+        fixed_mind, moving_mind = normalise_group(fixed.mind, moving.mind, fixed.region, weight)
         return torch.cat([fixed_dino, fixed_mind], dim=1), torch.cat([moving_dino, moving_mind], dim=1)
