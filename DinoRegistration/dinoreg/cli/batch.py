@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Any
 
-from dinoreg.app.batch import PATH_COLUMNS, BatchSettings, read_pairs, run_batch
 from dinoreg.app.output_policy import BATCH, check_output_target
 from dinoreg.cli.arguments import parse_params
 from dinoreg.errors import InputError
@@ -45,6 +44,8 @@ def default_workers() -> int:
 
 
 def command_batch(args: argparse.Namespace) -> int:
+    from dinoreg.app.batch import PATH_COLUMNS, BatchSettings, read_pairs, run_batch  # lazy: not needed to start dinoreg
+
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: give at least 1")
     pairs = read_pairs(args.pairs, args.method, args.preset)

@@ -12,7 +12,6 @@ import platform
 import sys
 from typing import Any, Dict
 
-from dinoreg.requirements import check_requirements
 
 
 #: optional package family -> the methods that need it (see requirements.EXTRA_REQUIREMENTS)
@@ -22,6 +21,8 @@ FAMILY_USERS = {"dino": "DINO feature methods (dino-*)", "losses": "training and
 def probe_devices() -> Dict[str, Any]:
     """``{"python", "platform", "missing", "outdated", "install", "torch", "torch_error", "cuda": [{index, name,
     free_mb, total_mb}], "mps"}``; memory in MiB, measured now."""
+    from dinoreg.requirements import check_requirements  # lazy: reads package metadata, not needed to start dinoreg
+
     info: Dict[str, Any] = {"python": platform.python_version(), "platform": sys.platform, **check_requirements(),
                             "torch": None, "torch_error": None, "cuda": [], "mps": False}
     if "torch" in info["missing"]:

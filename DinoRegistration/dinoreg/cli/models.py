@@ -13,8 +13,6 @@ from typing import Any
 
 from dinoreg.errors import InputError
 from dinoreg.progress import done_event, print_event, progress_event
-from dinoreg.store import card_summary, clear_models, download_model, find_model, list_models, models_dir, read_card
-from dinoreg.store.published import published_card
 
 
 def method_listing(method: Any) -> dict[str, Any]:
@@ -23,6 +21,8 @@ def method_listing(method: Any) -> dict[str, Any]:
     ``weights``: ``{source: shipped|download|local, present, path, sha256}``; ``card``: one line
     (architecture, features, training data, resolution, validation Dice).
     """
+    from dinoreg.store import card_summary  # lazy: not needed to start dinoreg
+
     row: dict[str, Any] = {"kind": method.kind, "label": method.label or method.name, "rank": int(method.rank)}
     info = getattr(method, "model_info", None)
     if info is not None:
@@ -60,6 +60,8 @@ def add_models_command(sub: Any) -> None:
 
 
 def list_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import card_summary, list_models, models_dir, read_card  # lazy: not needed to start dinoreg
+
 
     rows = []
     for info in list_models():
@@ -81,6 +83,8 @@ def list_handler(args: argparse.Namespace) -> int:
 
 
 def download_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import download_model, find_model  # lazy: not needed to start dinoreg
+
     for name in args.names:
         info = find_model(name)
         progress = None
@@ -111,6 +115,8 @@ def _json_progress(name: str) -> Any:
 
 def _announce_published(name: str) -> Any:
     """Print a published model's provenance and weights licence before its download; a progress printer."""
+    from dinoreg.store.published import published_card  # lazy: not needed to start dinoreg
+
     card = published_card(name)
     weights = card["weights"]
     print(f"{name}: {card['paper']}\n  from {weights['url']} (about {weights['approximate_bytes'] / 1e6:.0f} MB)\n"
@@ -127,6 +133,8 @@ def _announce_published(name: str) -> Any:
 
 
 def verify_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import list_models  # lazy: not needed to start dinoreg
+
     from dinoreg.networks.loading import verify_model  # lazy: imports torch
 
     targets = args.models or [info.name for info in list_models() if info.present]
@@ -144,6 +152,8 @@ def verify_handler(args: argparse.Namespace) -> int:
 
 
 def clear_handler(args: argparse.Namespace) -> int:
+    from dinoreg.store import clear_models  # lazy: not needed to start dinoreg
+
     removed = clear_models(include_local=args.local)
     print(f"deleted {len(removed)} file(s)" + "".join(f"\n  {path}" for path in removed))
     return 0

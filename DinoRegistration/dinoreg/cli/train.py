@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from dinoreg.errors import InputError
-from dinoreg.store import locate_model, models_dir, read_card
-from dinoreg.training.config import TrainingConfig, load_config
 
 TRAIN_EPILOG = """examples:
   dinoreg train --config configs/unet-synthseg.toml --output runs/brain
@@ -73,11 +71,16 @@ def add_training_commands(sub: Any) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    from dinoreg.training.config import load_config  # lazy: not needed to start dinoreg
+
     config = load_config(args.config)
     return run(config, args)
 
 
 def command_finetune(args: argparse.Namespace) -> int:
+    from dinoreg.store import locate_model, read_card  # lazy: not needed to start dinoreg
+    from dinoreg.training.config import TrainingConfig, load_config
+
 
     weights, card_path, _, _ = locate_model(args.model)
     card = read_card(card_path) if card_path.is_file() else None
@@ -103,6 +106,8 @@ def command_finetune(args: argparse.Namespace) -> int:
 
 def install_model(weights: Path, name: str) -> Path:
     """Copy a trained model into the models folder as ``name`` (card's name updated; hash unchanged)."""
+    from dinoreg.store import models_dir  # lazy: not needed to start dinoreg
+
 
 
     if not name or any(c in name for c in "/\\ ") or name.startswith("."):

@@ -13,9 +13,6 @@ from typing import Callable
 
 from dinoreg.errors import InputError, one_line
 from dinoreg.progress import DownloadWatcher, done_event, error_event, print_event
-from dinoreg.store.backbone_catalog import default_model_name, find_model, known_models
-from dinoreg.store.backbones import (DOWNLOAD_COMMAND, clear_cache, dino_cache_dir, download_model, hf_cache_dir,
-                                     installed_path, missing_model_message, resolve_model)
 
 
 def add_weights_subcommand(subparsers: "argparse._SubParsersAction") -> None:
@@ -30,8 +27,9 @@ def add_weights_subcommand(subparsers: "argparse._SubParsersAction") -> None:
     listing.set_defaults(func=_guarded(list_handler))
 
     download = actions.add_parser("download", help="fetch a model into the cache (needs internet)")
-    download.add_argument("name", nargs="?", default=default_model_name(),
-                          help=f"registry name or Hugging Face hub id (default {default_model_name()})")
+    download.add_argument("name", nargs="?", default=None,
+                          help="registry name or Hugging Face hub id (default: the default model that "
+                               "'dinoreg weights list' names)")
     download.add_argument("--source", choices=("hub", "meta"), default="hub",
                           help="hub: Hugging Face (default); meta: Meta's original .pth, converted once")
     download.add_argument("--progress-json", action="store_true",
@@ -66,6 +64,9 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 def list_handler(args: argparse.Namespace) -> int:
     """Print the registry with install state, size and where each model is (or would come from)."""
+    from dinoreg.store.backbone_catalog import default_model_name, known_models  # lazy: not needed to start dinoreg
+    from dinoreg.store.backbones import DOWNLOAD_COMMAND, dino_cache_dir, hf_cache_dir, installed_path
+
     rows = [("NAME", "FAMILY", "ARCH", "DIM", "REG", "SIZE", "INSTALLED", "LOCATION / HUB ID")]
     for entry in known_models():
         path = installed_path(entry)
@@ -82,6 +83,8 @@ def list_handler(args: argparse.Namespace) -> int:
 
 def _download(name: str, source: str):
     """A backbone into the store; a Meta checkpoint is converted by the feature layer on the way."""
+    from dinoreg.store.backbones import download_model  # lazy: not needed to start dinoreg
+
     convert = None
     if source == "meta":
         from dinoreg.features.dino.backbones import save_converted_checkpoint  # lazy: imports torch and transformers
@@ -93,6 +96,10 @@ def _download(name: str, source: str):
 def download_handler(args: argparse.Namespace) -> int:
     """Download one model (hub or Meta source) and say where it is; with ``--progress-json``, JSON progress
     events (bytes arrived in the caches against the registry's size) instead of the text lines."""
+    from dinoreg.store.backbone_catalog import default_model_name, find_model  # lazy: not needed to start dinoreg
+    from dinoreg.store.backbones import dino_cache_dir, hf_cache_dir
+
+    args.name = args.name or default_model_name()
     print(f"downloading {args.name} from {'Meta' if args.source == 'meta' else 'the Hugging Face hub'} ...",
           file=sys.stderr)
     if not getattr(args, "progress_json", False):
@@ -111,6 +118,9 @@ def download_handler(args: argparse.Namespace) -> int:
 
 def verify_handler(args: argparse.Namespace) -> int:
     """Load each model and encode a small blank image; print OK or the problem per model."""
+    from dinoreg.store.backbone_catalog import default_model_name, known_models  # lazy: not needed to start dinoreg
+    from dinoreg.store.backbones import DOWNLOAD_COMMAND, installed_path
+
     specs = list(args.models) or [entry.name for entry in known_models() if installed_path(entry)]
     if not specs:
         print(f"no DINO model is installed; fetch one with: {DOWNLOAD_COMMAND} {default_model_name()}",
@@ -129,6 +139,8 @@ def verify_model(spec: str) -> str:
 
     Never downloads: a model that is not installed is reported with the command that fetches it.
     """
+    from dinoreg.store.backbones import missing_model_message, resolve_model  # lazy: not needed to start dinoreg
+
     import torch  # lazy: torch is not needed to start this command
 
     from dinoreg.features.dino.backbones import imagenet_normalise, load_backbone  # lazy: imports torch
@@ -152,6 +164,8 @@ def verify_model(spec: str) -> str:
 
 def clear_handler(args: argparse.Namespace) -> int:
     """Delete the DINO cache (and with --hub the registry models in the Hugging Face cache)."""
+    from dinoreg.store.backbones import clear_cache  # lazy: not needed to start dinoreg
+
     removed = clear_cache(include_hub=args.hub)  # this process holds no loaded models: files only
     for folder in removed:
         print(f"removed {folder}")
