@@ -2,7 +2,7 @@
 composition, integration, inversion, Jacobians and smoothness penalties.
 
 Every function here works on batched torch tensors, on any device, and is autograd-safe (except
-:func:`invert`'s fixed-point loop, which is differentiable but not meant to be trained through).
+:func:`invert`'s accelerated fixed-point loop, which is not meant to be trained through).
 
 Conventions (read these once):
 
@@ -34,8 +34,8 @@ API (all re-exported here):
   dtype with ``mode="nearest"``.
 - :func:`compose` ``(first, second)``: displacement of ``x -> y + second(y)`` with ``y = x + first(x)``.
 - :func:`integrate_velocity` ``(v, steps=7)``: scaling and squaring, ``exp(v)`` as a displacement.
-- :func:`invert` ``(u, iterations=30, tolerance=0.01) -> (inverse, residual)``: numerical inverse
-  and its own residual ``|inverse(x) + u(x + inverse(x))|`` in voxels ``(N, 1, D, H, W)``.
+- :func:`invert` ``(u, iterations=30, tolerance=0.01, quantile=1.0) -> (inverse, residual)``: numerical
+  inverse (Anderson-accelerated fixed-point iteration) and its own residual ``|inverse(x) + u(x + inverse(x))|`` in voxels ``(N, 1, D, H, W)``.
 - :func:`resize_field` ``(u, shape)``: resample a displacement to another grid over the same box,
   rescaling the values to the new voxel size.
 - :func:`upsample_field` ``(u, factor=2)``: the same for pyramids made by average pooling

@@ -105,25 +105,64 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
 
 
 def invert(displacement: torch.Tensor, iterations: int = 30, tolerance: float = 0.01,
-           initial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           quantile: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Numerical inverse ``v`` of ``x + u(x)``, and how well it inverts.
 
-    Fixed-point iteration ``v <- -u(x + v(x))`` (converges when ``x + u`` does not fold, i.e. the
-    Jacobian stays positive), stopped early when the worst residual falls below ``tolerance`` voxels.
-    Returns ``(v, residual)``: ``v`` ``(N, 3, D, H, W)`` in voxels such that ``compose(v, u) ~ 0``,
-    and ``residual = |v(x) + u(x + v(x))|`` ``(N, 1, D, H, W)`` in voxels (``residual.amax()`` is
-    the worst voxel; points whose image leaves the grid see the border-extended field).
-    ``initial``: an earlier result to go on from (the same iterates as one longer call), else ``-u``.
+    Solves the fixed point ``v = G(v) = -u(x + v(x))`` (it exists when ``x + u`` does not fold, i.e.
+    the Jacobian stays positive) by Anderson-accelerated iteration (:func:`anderson_step`), stopped
+    when the ``quantile`` of the per-voxel residual (1.0: the worst voxel) falls below ``tolerance``
+    voxels, or after ``iterations`` evaluations of ``G``. Returns ``(v, residual)``: ``v``
+    ``(N, 3, D, H, W)`` in voxels such that ``compose(v, u) ~ 0``, and ``residual = |v(x) + u(x + v(x))|``
+    ``(N, 1, D, H, W)`` in voxels (points whose image leaves the grid see the border-extended field).
     """
-    # |r| as sqrt(sum r^2): torch's norm over the channel axis of a (N, 3, D, H, W) tensor is ~15x slower on CPU
-    inverse = -displacement if initial is None else initial
-    residual_field = inverse + warp(displacement, inverse)
+    inverse = -displacement
+    image = -warp(displacement, inverse)  # G(v)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
     for _ in range(iterations):
-        if float(residual_field.detach().square().sum(dim=1).amax()) < tolerance ** 2:
+        step = image - inverse  # = -(v + u(x + v)): the residual, negated
+        if within_tolerance(step, tolerance, quantile):
             break
-        inverse = inverse - residual_field  # = -u(x + v(x))
-        residual_field = inverse + warp(displacement, inverse)
-    return inverse, residual_field.square().sum(dim=1, keepdim=True).sqrt_()
+        inverse, history = anderson_step(inverse, image, step, history)
+        image = -warp(displacement, inverse)
+    return inverse, (image - inverse).square().sum(dim=1, keepdim=True).sqrt_()
+
+
+#: how many earlier iterates Anderson's acceleration combines
+ANDERSON_DEPTH = 2
+
+
+def anderson_step(current: torch.Tensor, image: torch.Tensor, step: torch.Tensor,
+                  history: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The next iterate of a fixed point ``v = G(v)`` from ``current`` v, ``image`` G(v) and ``step``
+    G(v) - v, by Anderson acceleration (type II, depth :data:`ANDERSON_DEPTH`): ``G(v) - dG gamma`` with
+    ``gamma`` minimising ``|step - dF gamma|`` over the differences dF, dG of the last iterates' steps and
+    images. Written by hand: no installed library offers it on tensors. Plain iteration (``v <- G(v)``)
+    converged linearly at 0.83 per step on the real brain pairs' fields (30 steps: 99th percentile
+    residual 0.0025 voxel); this reaches that in 9. A step whose residual grew restarts the history.
+    ``history`` holds ``(image, step)`` of earlier iterates (returned updated)."""
+    if history and float(step.square().sum()) > float(history[-1][1].square().sum()):
+        history = []  # not converging from there: plain iteration restarts the combination
+    history = (history + [(image, step)])[-(ANDERSON_DEPTH + 1):]
+    if len(history) == 1:
+        return image, history
+    delta_steps = [(b[1] - a[1]).flatten() for a, b in zip(history, history[1:])]
+    delta_images = [(b[0] - a[0]).flatten() for a, b in zip(history, history[1:])]
+    gram = torch.tensor([[float(torch.dot(a, b)) for b in delta_steps] for a in delta_steps], dtype=torch.float64)
+    right = torch.tensor([float(torch.dot(a, step.flatten())) for a in delta_steps], dtype=torch.float64)
+    gram += torch.eye(len(delta_steps), dtype=torch.float64) * (1e-10 * float(gram.diagonal().max()) + 1e-30)
+    gamma = torch.linalg.solve(gram, right)
+    combined = image.flatten().clone()
+    for weight, delta in zip(gamma.tolist(), delta_images):
+        combined.add_(delta, alpha=-weight)
+    return combined.view_as(image), history
+
+
+def within_tolerance(step: torch.Tensor, tolerance: float, quantile: float) -> bool:
+    """Whether at least the fraction ``quantile`` of the voxels of ``step`` ``(N, 3, ...)`` are shorter than
+    ``tolerance`` (1.0: all of them), i.e. whether that quantile of the lengths is below it: a count, not
+    a sort (``torch.quantile`` cost more than a warp)."""
+    outside = step.detach().square().sum(dim=1) >= tolerance * tolerance
+    return float(outside.sum()) <= (1.0 - quantile) * outside.numel()
 
 
 def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
