@@ -267,8 +267,8 @@ def run_with_cpu_fallback(method: Method, problem: RegistrationProblem, initial:
 
 @dataclass
 class BeforeRegistration:
-    """The pair before registration, on the fixed grid: the unregistered moving image, both images
-    robustly normalised to [0, 1] (float32 arrays [k, j, i]) and the heatmap before. Needs no transform.
+    """The pair before registration, on the fixed grid: the unregistered moving image, the fixed image
+    robustly normalised to [0, 1] (float32 [k, j, i]), the heatmap and similarities before. Needs no transform.
 
     Fixed uses its own 1-99 % foreground percentiles; the unregistered moving (and the warped one,
     later) uses the ORIGINAL moving's (``moving_range``), so before and after are directly comparable.
@@ -277,10 +277,10 @@ class BeforeRegistration:
 
     moving_on_fixed_grid: Volume
     fixed_normalised: np.ndarray
-    moving_normalised: np.ndarray
     moving_range: tuple[float, float]
     heatmap: Volume
     mask: np.ndarray
+    similarity: dict[str, float]
 
     @staticmethod
     def of(fixed: Volume, moving: Volume, fixed_mask: Volume | None) -> "BeforeRegistration":
@@ -290,7 +290,8 @@ class BeforeRegistration:
         moving_normalised = normalise(moving_on_fixed_grid.array, moving_range)
         heatmap = fixed.with_array(absolute_difference(fixed_normalised, moving_normalised))
         mask = fixed_mask.array.astype(bool) if fixed_mask is not None else foreground(fixed.array)
-        return BeforeRegistration(moving_on_fixed_grid, fixed_normalised, moving_normalised, moving_range, heatmap, mask)
+        return BeforeRegistration(moving_on_fixed_grid, fixed_normalised, moving_range, heatmap, mask,
+                                  similarity(fixed_normalised, moving_normalised, mask))
 
 
 def absolute_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -332,7 +333,7 @@ def build_report(method_name: str, options: RegistrationOptions, params: dict[st
         "seconds_total": round(time.perf_counter() - started, 3),
         "peak_ram_mb": round(peak_rss_mb() or 0.0, 1) or None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-        "similarity_before": similarity(before.fixed_normalised, before.moving_normalised, before.mask),
+        "similarity_before": before.similarity,
         "similarity_after": similarity(before.fixed_normalised, warped_normalised, before.mask),
         "fixed_grid": fixed.grid.describe(),
         "moving_grid": moving.grid.describe(),

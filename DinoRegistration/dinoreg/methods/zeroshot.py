@@ -137,16 +137,20 @@ class ImageOnGrid:
 
     @classmethod
     def of(cls, image: torch.Tensor, mask: torch.Tensor | None, grid: Grid, params: dict[str, Any],
-           normalise_in_mask: bool, with_mind: bool) -> "ImageOnGrid":
+           normalise_in_mask: bool) -> "ImageOnGrid":
         """``normalise_in_mask``: percentiles over the mask (only when BOTH images have one, see
-        :func:`normalisation_masks`), else over the voxels above the image minimum."""
+        :func:`normalisation_masks`), else over the voxels above the image minimum. No MIND yet (:meth:`with_mind`)."""
         low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
         normalised = robust_normalise(image, mask if normalise_in_mask else None, low, high)
         region = foreground_region(image, mask, grid.spacing, float(params["foreground_margin_mm"]))
-        mind = None
-        if with_mind:
-            mind = mind_ssc(normalised, mask, int(params["mind_radius"]), int(params["mind_dilation"]), grid.spacing)
-        return cls(image, mask, normalised, region, mind)
+        return cls(image, mask, normalised, region)
+
+    def with_mind(self, grid: Grid, params: dict[str, Any]) -> "ImageOnGrid":
+        """Itself, with :attr:`mind` computed if it was not yet (``grid``: the grid it is on)."""
+        if self.mind is None:
+            self.mind = mind_ssc(self.normalised, self.mask, int(params["mind_radius"]), int(params["mind_dilation"]),
+                                 grid.spacing)
+        return self
 
 
 class ZeroShotMethod(Method):
@@ -173,8 +177,8 @@ class ZeroShotMethod(Method):
         with torch.no_grad():
             for spacing_mm, with_mind in grids:
                 grid = working_grid(problem.fixed.grid, spacing_mm)
-                problem.prepared[("fixed on grid", spacing_mm, with_mind)] = fixed_image_on_grid(problem, params, grid,
-                                                                                                with_mind)
+                fixed = fixed_image_on_grid(problem, params, grid)
+                problem.prepared[("fixed on grid", spacing_mm)] = fixed.with_mind(grid, params) if with_mind else fixed
 
     def run(self, problem: RegistrationProblem, initial: Transform) -> Transform:
         """Both directions when ``inverse_consistent`` (see :meth:`symmetrised`), else fixed -> moving only."""
@@ -189,8 +193,10 @@ class ZeroShotMethod(Method):
         spacing_mm = working_spacing(params)
         progress.stage(STAGE_RESAMPLE)
         with torch.no_grad():
-            pair, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm, self.mind_features)
+            pair, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm)
             progress.stage(STAGE_FEATURES)
+            if self.mind_features:
+                fixed, moving = fixed.with_mind(pair.grid, params), moving.with_mind(pair.grid, params)
             fixed_features, moving_features = self.features(pair, fixed, moving, params, problem)
             foreground, moving_foreground = fixed.region, moving.region
             del fixed, moving
@@ -224,8 +230,9 @@ class ZeroShotMethod(Method):
         settings = refine_settings(params)
         problem.progress.stage(STAGE_REFINE)
         with torch.no_grad():
-            fine, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm, settings.similarity == "mind")
+            fine, fixed, moving = pair_on_grid(problem, initial, params, spacing_mm)
             if settings.similarity == "mind":
+                fixed, moving = fixed.with_mind(fine.grid, params), moving.with_mind(fine.grid, params)
                 fixed_input, moving_input = normalise_group(fixed.mind, moving.mind, fixed.region)
             else:
                 fixed_input, moving_input = fixed.normalised, moving.normalised
@@ -274,22 +281,22 @@ def refine_spacing(problem: RegistrationProblem, params: dict[str, Any]) -> floa
     return None if spacing_mm >= 0.99 * lattice_mm else spacing_mm
 
 
-def fixed_image_on_grid(problem: RegistrationProblem, params: dict[str, Any], grid: Grid, with_mind: bool) -> ImageOnGrid:
+def fixed_image_on_grid(problem: RegistrationProblem, params: dict[str, Any], grid: Grid) -> ImageOnGrid:
     """The fixed image as :class:`ImageOnGrid` on ``grid`` (no transform needed: see ``ZeroShotMethod.prepare``)."""
     image, mask = fixed_on_grid(problem, grid)
-    return ImageOnGrid.of(image, mask, grid, params, both_masked(problem), with_mind)
+    return ImageOnGrid.of(image, mask, grid, params, both_masked(problem))
 
 
-def pair_on_grid(problem: RegistrationProblem, initial: Transform, params: dict[str, Any], spacing_mm: float,
-                 with_mind: bool) -> tuple[WorkingPair, ImageOnGrid, ImageOnGrid]:
+def pair_on_grid(problem: RegistrationProblem, initial: Transform, params: dict[str, Any],
+                 spacing_mm: float) -> tuple[WorkingPair, ImageOnGrid, ImageOnGrid]:
     """Fixed and pre-aligned moving on the grid of ``spacing_mm`` (:func:`working_grid`): the raw pair and each
     image as :class:`ImageOnGrid`. The fixed one is taken from ``problem.prepared`` when prepared there."""
     grid = working_grid(problem.fixed.grid, spacing_mm)
-    fixed = problem.prepared.pop(("fixed on grid", spacing_mm, with_mind), None)
+    fixed = problem.prepared.pop(("fixed on grid", spacing_mm), None)
     if fixed is None:
-        fixed = fixed_image_on_grid(problem, params, grid, with_mind)
+        fixed = fixed_image_on_grid(problem, params, grid)
     image, mask = moving_on_grid(problem, initial, grid)
-    moving = ImageOnGrid.of(image, mask, grid, params, both_masked(problem), with_mind)
+    moving = ImageOnGrid.of(image, mask, grid, params, both_masked(problem))
     pair = WorkingPair(grid=grid, fixed=fixed.image, moving=moving.image, fixed_mask=fixed.mask, moving_mask=moving.mask)
     return pair, fixed, moving
 
