@@ -79,7 +79,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 def command_finetune(args: argparse.Namespace) -> int:
     from dinoreg.store import locate_model, read_card  # lazy: not needed to start dinoreg
-    from dinoreg.training.config import TrainingConfig, load_config
+    from dinoreg.training.config import TrainingConfig, load_config  # lazy: not needed to start dinoreg
 
 
     weights, card_path, _, _ = locate_model(args.model)

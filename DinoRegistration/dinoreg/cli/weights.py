@@ -65,7 +65,7 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 def list_handler(args: argparse.Namespace) -> int:
     """Print the registry with install state, size and where each model is (or would come from)."""
     from dinoreg.store.backbone_catalog import default_model_name, known_models  # lazy: not needed to start dinoreg
-    from dinoreg.store.backbones import DOWNLOAD_COMMAND, dino_cache_dir, hf_cache_dir, installed_path
+    from dinoreg.store.backbones import DOWNLOAD_COMMAND, dino_cache_dir, hf_cache_dir, installed_path  # lazy: not needed to start dinoreg
 
     rows = [("NAME", "FAMILY", "ARCH", "DIM", "REG", "SIZE", "INSTALLED", "LOCATION / HUB ID")]
     for entry in known_models():
@@ -97,7 +97,7 @@ def download_handler(args: argparse.Namespace) -> int:
     """Download one model (hub or Meta source) and say where it is; with ``--progress-json``, JSON progress
     events (bytes arrived in the caches against the registry's size) instead of the text lines."""
     from dinoreg.store.backbone_catalog import default_model_name, find_model  # lazy: not needed to start dinoreg
-    from dinoreg.store.backbones import dino_cache_dir, hf_cache_dir
+    from dinoreg.store.backbones import dino_cache_dir, hf_cache_dir  # lazy: not needed to start dinoreg
 
     args.name = args.name or default_model_name()
     print(f"downloading {args.name} from {'Meta' if args.source == 'meta' else 'the Hugging Face hub'} ...",
@@ -119,7 +119,7 @@ def download_handler(args: argparse.Namespace) -> int:
 def verify_handler(args: argparse.Namespace) -> int:
     """Load each model and encode a small blank image; print OK or the problem per model."""
     from dinoreg.store.backbone_catalog import default_model_name, known_models  # lazy: not needed to start dinoreg
-    from dinoreg.store.backbones import DOWNLOAD_COMMAND, installed_path
+    from dinoreg.store.backbones import DOWNLOAD_COMMAND, installed_path  # lazy: not needed to start dinoreg
 
     specs = list(args.models) or [entry.name for entry in known_models() if installed_path(entry)]
     if not specs:
