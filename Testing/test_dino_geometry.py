@@ -159,10 +159,10 @@ def test_one_mask_does_not_change_the_normalisation_of_one_image_only(pooling_ba
     volume_ = Volume(volume[0, 0].numpy(), grid)
     problem = RegistrationProblem(volume_, volume_, volume_.with_array(mask[0, 0].numpy()), None)
     pair = prepare_working_pair(problem, Transform(), 0.0)
-    fixed_region, moving_region = zeroshot.normalisation_masks(pair)
-    from dinoreg.core.intensity import robust_normalise
-
-    torch.testing.assert_close(robust_normalise(pair.fixed, fixed_region), robust_normalise(pair.moving, moving_region))
+    params, masked = zeroshot.MindZeroShot().parameters(), zeroshot.both_masked(problem)
+    fixed_side = zeroshot.ImageOnGrid.of(pair.fixed, pair.fixed_mask, pair.grid, params, masked)
+    moving_side = zeroshot.ImageOnGrid.of(pair.moving, pair.moving_mask, pair.grid, params, masked)
+    torch.testing.assert_close(fixed_side.normalised, moving_side.normalised)
 
 
 # ------------------------------------------------------------------------------ bug 6: load errors say what failed

@@ -139,7 +139,7 @@ class ImageOnGrid:
     def of(cls, image: torch.Tensor, mask: torch.Tensor | None, grid: Grid, params: dict[str, Any],
            normalise_in_mask: bool) -> "ImageOnGrid":
         """``normalise_in_mask``: percentiles over the mask (only when BOTH images have one, see
-        :func:`normalisation_masks`), else over the voxels above the image minimum. No MIND yet (:meth:`with_mind`)."""
+        :func:`both_masked`), else over the voxels above the image minimum. No MIND yet (:meth:`with_mind`)."""
         low, high = float(params["intensity_low_percent"]), float(params["intensity_high_percent"])
         normalised = robust_normalise(image, mask if normalise_in_mask else None, low, high)
         region = foreground_region(image, mask, grid.spacing, float(params["foreground_margin_mm"]))
@@ -302,21 +302,11 @@ def pair_on_grid(problem: RegistrationProblem, initial: Transform, params: dict[
 
 
 def both_masked(problem: RegistrationProblem) -> bool:
-    """Whether both images have a mask: then, and only then, each is normalised within its mask
-    (:func:`normalisation_masks`)."""
+    """The normalisation rule, ONE for both images: each is normalised within its mask when both images
+    have one; otherwise neither is (each image's voxels above its minimum): a mask on one image only
+    would clip that image inside its mask and the other over its whole foreground, so the same tissue
+    would get different grey values."""
     return problem.fixed_mask is not None and problem.moving_mask is not None
-
-
-def normalisation_masks(pair: WorkingPair) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The regions whose percentiles normalise each image: ONE rule for both images.
-
-    Both masks when both images have one; otherwise neither (each image's voxels above its
-    minimum): a mask on one image only would clip that image inside its mask and the other over
-    its whole foreground, so the same tissue would get different grey values.
-    """
-    if pair.fixed_mask is not None and pair.moving_mask is not None:
-        return pair.fixed_mask, pair.moving_mask
-    return None, None
 
 
 def foreground_region(fixed: torch.Tensor, fixed_mask: torch.Tensor | None, spacing: Any, margin_mm: float) -> torch.Tensor:

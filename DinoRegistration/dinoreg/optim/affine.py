@@ -127,20 +127,15 @@ def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Eule
     threshold = np.percentile(array, 50)
     k, j, i = np.nonzero(array > threshold)
     step = max(1, len(k) // 5000)
-    index = np.stack([i[::step], j[::step], k[::step]]).astype(np.float64)  # (3, N), columns (i, j, k)
-    points = index_to_physical(fixed) @ index + np.array(fixed.GetOrigin())[:, None]
+    index = np.stack([i[::step], j[::step], k[::step], np.ones_like(i[::step])]).astype(np.float64)  # (4, N): i, j, k, 1
+    points = (Grid.from_sitk(fixed).index_to_physical @ index)[:3]
     matrix = np.array(transform.GetMatrix()).reshape(3, 3)
     centre = np.array(transform.GetCenter())[:, None]
     mapped = matrix @ (points - centre) + centre + np.array(transform.GetTranslation())[:, None]
-    moving_index = np.linalg.solve(index_to_physical(moving), mapped - np.array(moving.GetOrigin())[:, None])
+    moving_index = (Grid.from_sitk(moving).physical_to_index @ np.vstack([mapped, np.ones(mapped.shape[1])]))[:3]
     size = np.array(moving.GetSize())[:, None]
     inside = np.all((moving_index >= -0.5) & (moving_index <= size - 0.5), axis=0)
     return float(inside.sum()) / max(1, inside.size)
-
-
-def index_to_physical(image: sitk.Image) -> np.ndarray:
-    """The 3x3 matrix (direction times spacing) from a continuous index (i, j, k) to an LPS offset from the origin, mm."""
-    return np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())[None, :]
 
 
 def metric_method(settings: AffineSettings, masks: tuple[sitk.Image | None, sitk.Image | None]) -> sitk.ImageRegistrationMethod:

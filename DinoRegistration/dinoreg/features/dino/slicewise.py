@@ -333,7 +333,7 @@ def prepare_pair(pair: list[tuple[torch.Tensor, torch.Tensor | None]], grid: Gri
                  device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[slice, slice, slice]]:
     """Normalised volumes and foregrounds ``(k, j, i)``, cropped to their joint foreground box."""
     volumes, foregrounds = [], []
-    # one normalisation rule for both images: masks only when both have one (see zeroshot.normalisation_masks)
+    # one normalisation rule for both images: masks only when both have one (see zeroshot.both_masked)
     both_masked = all(mask is not None for _, mask in pair)
     for image, mask in pair:
         for tensor in (image, mask) if mask is not None else (image,):
